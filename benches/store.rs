@@ -1,0 +1,141 @@
+//! Store economy: bytes per sample and read speed of the latent store under candidate Lance encodings, on
+//! samples shaped like the real 1024 px data (latent 32×32×32 f32, prompt 300×2304 f16 from bf16 values).
+//!
+//! `cargo bench --profile dev --bench store [-- ROWS]` (default 64 rows). Prints a table; never fails on speed.
+//! The latents are smooth fields plus noise (like VAE latents, unlike white noise); the embeddings are Gaussian
+//! values rounded to bf16 first, as Gemma in bf16 produces them.
+
+use std::time::Instant;
+
+use sana_sprint::store::{
+    LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
+    StoreDType, StoreWriter,
+};
+
+struct Lcg(u64);
+impl Lcg {
+    fn uniform(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32) / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        let (a, b) = (self.uniform().max(1e-7), self.uniform());
+        (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+    }
+}
+
+fn config(latent: StoreDType, embed: StoreDType) -> StoreConfig {
+    let m = ModelInfo {
+        origin: "bench".into(),
+        fingerprint: "sha256:0".into(),
+    };
+    StoreConfig {
+        format_version: 1,
+        resolution: 1024,
+        max_sequence_length: 300,
+        complex_human_instruction: None,
+        vae_scaling_factor: 0.41407,
+        text_hidden_size: 2304,
+        latent_dtype: latent,
+        embed_dtype: embed,
+        negative_prompt_len: 1,
+        negative_prompt_embeds_f32le_b64: StoreConfig::encode_negative(&vec![0.0; 2304]),
+        models: ModelsInfo {
+            vae: m.clone(),
+            text_encoder: m.clone(),
+            tokenizer: m,
+        },
+        preprocess: PreprocessInfo {
+            resize: "bench".into(),
+            crop: "bench".into(),
+            normalize: "bench".into(),
+            mixed_precision: "bf16".into(),
+        },
+        latent_shape: [32, 32, 32],
+        writer: "bench".into(),
+    }
+}
+
+fn rows(n: usize) -> Vec<LatentRow> {
+    let mut rng = Lcg(7);
+    (0..n)
+        .map(|i| {
+            let mut latent = Vec::with_capacity(32 * 32 * 32);
+            for c in 0..32 {
+                let (fx, fy, ph) = (
+                    rng.uniform() * 0.3,
+                    rng.uniform() * 0.3,
+                    rng.uniform() * 6.0,
+                );
+                for y in 0..32 {
+                    for x in 0..32 {
+                        let smooth =
+                            (fx * x as f32 + fy * y as f32 + ph).sin() * (1.0 + c as f32 * 0.02);
+                        latent.push(smooth + 0.3 * rng.normal());
+                    }
+                }
+            }
+            let len = 120 + (i * 37) % 180;
+            let prompt_embeds = (0..len * 2304)
+                .map(|_| half::bf16::from_f32(rng.normal() * 2.0).to_f32())
+                .collect();
+            LatentRow {
+                id: format!("bench.parquet#{i}"),
+                caption: "a bench caption".repeat(8),
+                latent,
+                latent_shape: [32, 32, 32],
+                prompt_embeds,
+                prompt_len: len as i32,
+            }
+        })
+        .collect()
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(64);
+    let data = rows(n);
+    let mean_len = data.iter().map(|r| r.prompt_len as f64).sum::<f64>() / n as f64;
+    let raw_f16 = 2.0 * (32.0 * 32.0 * 32.0 + mean_len * 2304.0);
+    println!("{n} rows, mean prompt_len {mean_len:.0}, raw f16 bytes/sample {raw_f16:.0}");
+    println!(
+        "{:<34} {:>12} {:>9} {:>12} {:>12}",
+        "encoding", "bytes/sample", "vs f16", "write s", "read rows/s"
+    );
+    for (name, latent, level) in [
+        ("latent f32, zstd 1 + bss", StoreDType::Float32, 1),
+        ("latent f32, zstd 3 + bss (default)", StoreDType::Float32, 3),
+        ("latent f32, zstd 9 + bss", StoreDType::Float32, 9),
+        ("latent f16, zstd 3 + bss", StoreDType::Float16, 3),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bench.lance");
+        let t = Instant::now();
+        let mut w = StoreWriter::open(
+            &path,
+            config(latent, StoreDType::Float16),
+            OpenMode::CreateOrAppend,
+            level,
+        )
+        .unwrap();
+        for r in data.iter().cloned() {
+            w.push(r);
+        }
+        w.commit().unwrap();
+        let write_s = t.elapsed().as_secs_f64();
+        let store = LatentStore::open(&path).unwrap();
+        let bytes = store.disk_bytes() as f64 / n as f64;
+        let t = Instant::now();
+        let back = store.read_all().unwrap();
+        let read = back.len() as f64 / t.elapsed().as_secs_f64();
+        println!(
+            "{name:<34} {bytes:>12.0} {:>8.3}x {write_s:>12.2} {read:>12.1}",
+            bytes / raw_f16
+        );
+    }
+}

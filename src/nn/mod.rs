@@ -1,0 +1,4 @@
+//! Building blocks candle lacks (see SPEC §10).
+
+pub mod conv; // depthwise conv as shifted sums, grouped 1x1 conv, pixel (un)shuffle
+pub mod dual; // Dual (primal + tangent) tensors: one forward path for plain and JVP passes

@@ -1,0 +1,126 @@
+//! The run report: what was read, written and skipped (bad rows by reason), written as JSON next to the store.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::source::Shard;
+use super::PrepOptions;
+use crate::error::{Error, Result};
+
+/// A row that could not be encoded; it produces no store row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadRow {
+    pub id: String,
+    /// A short stable category: `null image`, `null caption`, `empty image bytes`, `corrupt image`.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepReport {
+    pub output: String,
+    pub files: Vec<String>,
+    /// Rows in all input files.
+    pub rows_total: usize,
+    /// Rows whose id the store already held before this run (skipped without work).
+    pub rows_already_stored: usize,
+    pub rows_encoded: usize,
+    pub rows_written: usize,
+    pub bad_rows_by_reason: BTreeMap<String, usize>,
+    pub bad_rows: Vec<BadRow>,
+    pub elapsed_s: f64,
+    pub rows_per_s: f64,
+}
+
+impl PrepReport {
+    pub fn new(opts: &PrepOptions, shards: &[Shard], rows_total: usize, already: usize) -> Self {
+        Self {
+            output: opts.output.display().to_string(),
+            files: shards
+                .iter()
+                .map(|s| s.path.display().to_string())
+                .collect(),
+            rows_total,
+            rows_already_stored: already,
+            rows_encoded: 0,
+            rows_written: 0,
+            bad_rows_by_reason: BTreeMap::new(),
+            bad_rows: Vec::new(),
+            elapsed_s: 0.0,
+            rows_per_s: 0.0,
+        }
+    }
+
+    pub fn add_bad(&mut self, bad: BadRow) {
+        *self
+            .bad_rows_by_reason
+            .entry(bad.reason.clone())
+            .or_default() += 1;
+        self.bad_rows.push(bad);
+    }
+
+    pub fn finish(&mut self, elapsed_s: f64) {
+        self.bad_rows.sort_by(|a, b| a.id.cmp(&b.id));
+        self.elapsed_s = (elapsed_s * 1000.0).round() / 1000.0;
+        let done = self.rows_encoded + self.bad_rows.len();
+        self.rows_per_s = if elapsed_s > 0.0 {
+            ((done as f64 / elapsed_s) * 100.0).round() / 100.0
+        } else {
+            0.0
+        };
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// The human summary printed at the end of a run.
+    pub fn summary(&self, report_path: &Path) -> String {
+        let mut s = format!(
+            "{} input rows in {} file(s): {} already stored, {} encoded, {} written, {} skipped; {:.1} s ({:.2} rows/s)\nstore: {}\nreport: {}",
+            self.rows_total,
+            self.files.len(),
+            self.rows_already_stored,
+            self.rows_encoded,
+            self.rows_written,
+            self.bad_rows.len(),
+            self.elapsed_s,
+            self.rows_per_s,
+            self.output,
+            report_path.display()
+        );
+        for (reason, n) in &self.bad_rows_by_reason {
+            s.push_str(&format!("\n  skipped ({reason}): {n}"));
+        }
+        for b in self.bad_rows.iter().take(10) {
+            s.push_str(&format!(
+                "\n    {}: {}{}",
+                b.id,
+                b.reason,
+                if b.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", b.detail)
+                }
+            ));
+        }
+        if self.bad_rows.len() > 10 {
+            s.push_str(&format!(
+                "\n    … {} more in the report",
+                self.bad_rows.len() - 10
+            ));
+        }
+        s
+    }
+}
