@@ -8,8 +8,8 @@
 use std::time::Instant;
 
 use sana_sprint::store::{
-    LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
-    StoreDType, StoreWriter,
+    FloatEncoding, LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo,
+    StoreConfig, StoreDType, StoreWriter,
 };
 
 struct Lcg(u64);
@@ -107,11 +107,37 @@ fn main() {
         "{:<34} {:>12} {:>9} {:>12} {:>12}",
         "encoding", "bytes/sample", "vs f16", "write s", "read rows/s"
     );
-    for (name, latent, level) in [
-        ("latent f32, zstd 1 + bss", StoreDType::Float32, 1),
-        ("latent f32, zstd 3 + bss (default)", StoreDType::Float32, 3),
-        ("latent f32, zstd 9 + bss", StoreDType::Float32, 9),
-        ("latent f16, zstd 3 + bss", StoreDType::Float16, 3),
+    let enc = |zstd_level: Option<i32>, byte_stream_split: bool| FloatEncoding {
+        zstd_level,
+        byte_stream_split,
+    };
+    for (name, latent, encoding) in [
+        ("latent f32, plain", StoreDType::Float32, enc(None, false)),
+        (
+            "latent f32, zstd 3",
+            StoreDType::Float32,
+            enc(Some(3), false),
+        ),
+        (
+            "latent f32, zstd 1 + bss",
+            StoreDType::Float32,
+            enc(Some(1), true),
+        ),
+        (
+            "latent f32, zstd 3 + bss (default)",
+            StoreDType::Float32,
+            enc(Some(3), true),
+        ),
+        (
+            "latent f32, zstd 9 + bss",
+            StoreDType::Float32,
+            enc(Some(9), true),
+        ),
+        (
+            "latent f16, zstd 3 + bss",
+            StoreDType::Float16,
+            enc(Some(3), true),
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bench.lance");
@@ -120,7 +146,7 @@ fn main() {
             &path,
             config(latent, StoreDType::Float16),
             OpenMode::CreateOrAppend,
-            level,
+            encoding,
         )
         .unwrap();
         for r in data.iter().cloned() {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use sana_sprint::hub::HubConfig;
 use sana_sprint::prep::{self, MixedPrecision, PrepOptions};
-use sana_sprint::store::{self, StoreDType};
+use sana_sprint::store::{self, FloatEncoding, StoreDType};
 
 #[derive(Parser, Debug)]
 #[command(name = "sprint-prep", version, rename_all = "snake_case", about, long_about = None)]
@@ -62,9 +62,12 @@ struct Args {
     /// Rows per Lance commit: a killed run loses at most this many encoded rows (they are redone on rerun).
     #[arg(long, default_value_t = 1024)]
     commit_every: usize,
-    /// zstd level of the float columns.
+    /// zstd level of the float columns (0: no compression).
     #[arg(long, default_value_t = 3)]
     zstd_level: i32,
+    /// Store floats without byte-stream split.
+    #[arg(long)]
+    no_byte_stream_split: bool,
     /// No progress bar (for logs).
     #[arg(long)]
     no_progress: bool,
@@ -101,7 +104,10 @@ fn options(a: Args) -> PrepOptions {
         overwrite: a.overwrite,
         report: a.report,
         commit_every: a.commit_every,
-        zstd_level: a.zstd_level,
+        encoding: FloatEncoding {
+            zstd_level: (a.zstd_level > 0).then_some(a.zstd_level),
+            byte_stream_split: !a.no_byte_stream_split,
+        },
         progress: !a.no_progress,
         dataset_name: a.dataset_name,
         file_path: a.file_path,

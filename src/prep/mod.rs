@@ -19,8 +19,8 @@ use crate::hub::{self, HubConfig};
 use crate::models::dcae::AutoencoderDc;
 use crate::store::fingerprint::fingerprint_folder;
 use crate::store::{
-    LatentRow, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig, StoreDType,
-    StoreWriter, FORMAT_VERSION,
+    FloatEncoding, LatentRow, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
+    StoreDType, StoreWriter, FORMAT_VERSION,
 };
 use crate::text::{PromptEncoder, COMPLEX_HUMAN_INSTRUCTION};
 use report::{BadRow, PrepReport};
@@ -70,7 +70,7 @@ pub struct PrepOptions {
     pub report: Option<PathBuf>,
     pub num_workers: usize,
     pub commit_every: usize,
-    pub zstd_level: i32,
+    pub encoding: FloatEncoding,
     pub progress: bool,
 }
 
@@ -97,7 +97,7 @@ impl Default for PrepOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             commit_every: 1024,
-            zstd_level: 3,
+            encoding: FloatEncoding::default(),
             progress: true,
         }
     }
@@ -347,7 +347,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     } else {
         OpenMode::CreateOrAppend
     };
-    let mut writer = StoreWriter::open(&opts.output, enc.config.clone(), mode, opts.zstd_level)?;
+    let mut writer = StoreWriter::open(&opts.output, enc.config.clone(), mode, opts.encoding)?;
 
     let total_rows: usize = shards.iter().map(|s| s.num_rows).sum();
     let pending: Vec<String> = shards

@@ -203,25 +203,50 @@ pub struct LatentRow {
     pub prompt_len: i32,
 }
 
-/// Arrow field metadata choosing Lance's encoding for a float column: byte-stream split groups the bytes of
-/// each float by significance (exponents compress, mantissas mostly do not) before zstd.
-fn float_encoding(level: i32) -> HashMap<String, String> {
-    HashMap::from([
-        ("lance-encoding:compression".to_string(), "zstd".to_string()),
-        (
-            "lance-encoding:compression-level".to_string(),
-            level.to_string(),
-        ),
-        ("lance-encoding:bss".to_string(), "on".to_string()),
-    ])
+/// How the float columns are encoded on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloatEncoding {
+    /// zstd level; `None` stores the floats uncompressed.
+    pub zstd_level: Option<i32>,
+    /// Byte-stream split: groups the bytes of each float by significance before compression (exponent bytes
+    /// compress well, mantissa bytes hardly), which is what makes zstd worthwhile on floats.
+    pub byte_stream_split: bool,
+}
+
+impl Default for FloatEncoding {
+    /// zstd 3 + byte-stream split: the smallest store without slower reads (`cargo bench --bench store`).
+    fn default() -> Self {
+        Self {
+            zstd_level: Some(3),
+            byte_stream_split: true,
+        }
+    }
+}
+
+impl FloatEncoding {
+    /// Arrow field metadata that selects this encoding in Lance.
+    fn metadata(self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        if let Some(level) = self.zstd_level {
+            m.insert("lance-encoding:compression".to_string(), "zstd".to_string());
+            m.insert(
+                "lance-encoding:compression-level".to_string(),
+                level.to_string(),
+            );
+        }
+        m.insert(
+            "lance-encoding:bss".to_string(),
+            if self.byte_stream_split { "on" } else { "off" }.to_string(),
+        );
+        m
+    }
 }
 
 /// The Arrow schema of a store with the given dtypes; `config` goes into the schema metadata.
-pub fn schema(config: &StoreConfig, zstd_level: i32) -> Result<SchemaRef> {
+pub fn schema(config: &StoreConfig, encoding: FloatEncoding) -> Result<SchemaRef> {
     let list = |name: &str, dt: StoreDType| {
-        let item = Field::new("item", dt.arrow(), false).with_metadata(float_encoding(zstd_level));
-        Field::new(name, DataType::List(Arc::new(item)), false)
-            .with_metadata(float_encoding(zstd_level))
+        let item = Field::new("item", dt.arrow(), false).with_metadata(encoding.metadata());
+        Field::new(name, DataType::List(Arc::new(item)), false).with_metadata(encoding.metadata())
     };
     let fields = vec![
         Field::new("id", DataType::Utf8, false),
@@ -338,9 +363,14 @@ pub enum OpenMode {
 }
 
 impl StoreWriter {
-    pub fn open(path: &Path, config: StoreConfig, mode: OpenMode, zstd_level: i32) -> Result<Self> {
+    pub fn open(
+        path: &Path,
+        config: StoreConfig,
+        mode: OpenMode,
+        encoding: FloatEncoding,
+    ) -> Result<Self> {
         let rt = runtime()?;
-        let schema = schema(&config, zstd_level)?;
+        let schema = schema(&config, encoding)?;
         let exists = path.join("_versions").is_dir();
         let create = |write_mode: WriteMode| -> Result<Dataset> {
             let empty = RecordBatchIterator::new(
