@@ -36,7 +36,7 @@ cargo fetch -q
 sys=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys 2>/dev/null | sort -V | tail -n 1)
 [ -n "$sys" ] || { echo "cudarc sources not found (cargo fetch failed?)" >&2; exit 1; }
 if [ ! -f "$links/libcuda.so.1" ] || [ "$sys" -nt "$links/libcuda.so.1" ]; then
-  grep -rhoE '\bpub fn cu[A-Za-z0-9_]+\s*\(' "$sys" | sed -E 's/pub fn (cu[A-Za-z0-9_]+).*/\1/' | sort -u \
+  grep -rhoE '\bfn cu[A-Za-z0-9_]+\s*\(' "$sys" | sed -E 's/fn (cu[A-Za-z0-9_]+).*/\1/' | sort -u \
     | awk '{print "int " $1 "(void) { return 999; /* CUDA_ERROR_UNKNOWN: link-time stub only */ }"}' > "$links/cuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so.1" "$links/cuda_stub.c"
   ln -sf libcuda.so.1 "$links/libcuda.so"
