@@ -201,7 +201,7 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
     let device = parse_device(&opts.device)?;
     let vae = AutoencoderDc::load(&src.root.join("vae"), DType::F32, &device)?;
     let f = vae.spatial_compression() as u32;
-    if opts.resolution == 0 || opts.resolution % f != 0 {
+    if opts.resolution == 0 || !opts.resolution.is_multiple_of(f) {
         return Err(Error::Arg(format!(
             "--resolution {} must be a positive multiple of the VAE's spatial compression {f}",
             opts.resolution
