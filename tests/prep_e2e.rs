@@ -393,7 +393,10 @@ fn bad_rows_are_skipped_counted_and_reported() {
     assert_eq!(
         by,
         vec![
-            ("train_bad.parquet#1".into(), "corrupt image".into()),
+            (
+                "train_bad.parquet#1".into(),
+                "unsupported image format".into()
+            ),
             ("train_bad.parquet#2".into(), "empty image bytes".into()),
             ("train_bad.parquet#3".into(), "null image".into()),
             ("train_bad.parquet#4".into(), "null caption".into()),
@@ -401,7 +404,8 @@ fn bad_rows_are_skipped_counted_and_reported() {
         ]
     );
     let on_disk = prep::report::PrepReport::read(&report_path).unwrap();
-    assert_eq!(on_disk.bad_rows_by_reason["corrupt image"], 2);
+    assert_eq!(on_disk.bad_rows_by_reason["corrupt image"], 1);
+    assert_eq!(on_disk.bad_rows_by_reason["unsupported image format"], 1);
     assert_eq!(on_disk.bad_rows.len(), 5);
 }
 

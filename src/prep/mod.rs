@@ -179,6 +179,16 @@ fn decode_row(row: RawRow, resolution: u32) -> Decoded {
             caption,
             pixels: crate::image::preprocess(&img, resolution),
         },
+        // The image module's messages start with a short stable category ("corrupt image: …").
+        Err(Error::Data { msg, .. }) => {
+            let reason = msg
+                .split(':')
+                .next()
+                .unwrap_or("corrupt image")
+                .trim()
+                .to_string();
+            bad(&reason, msg)
+        }
         Err(e) => bad("corrupt image", e.to_string()),
     }
 }

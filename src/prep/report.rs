@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BadRow {
     pub id: String,
-    /// A short stable category: `null image`, `null caption`, `empty image bytes`, `corrupt image`.
+    /// A short stable category: `null image`, `null caption`, `empty image bytes`, `corrupt image`,
+    /// `truncated image`, `unsupported image format`, `image too large`.
     pub reason: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
