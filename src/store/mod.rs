@@ -556,6 +556,13 @@ impl LatentStore {
         Ok(rows)
     }
 
+    /// The rows at the given offsets, in the order given.
+    pub fn take(&self, offsets: &[u64]) -> Result<Vec<LatentRow>> {
+        let schema = self.dataset.schema().clone();
+        let batch = self.rt.block_on(self.dataset.take(offsets, schema))?;
+        rows_from_batch(&self.path, &batch)
+    }
+
     /// Total bytes of the store's files on disk.
     pub fn disk_bytes(&self) -> u64 {
         dir_size(&self.path)

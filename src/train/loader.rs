@@ -1,0 +1,342 @@
+//! The trainer's view of a latent store: seeded per-epoch shuffling that is reproducible across resume,
+//! background prefetch, and batches in the form the training step consumes (SPEC §8.2, §8.6; STORE.md).
+//!
+//! `x0 = latent · vae_scaling_factor · σd`; prompt embeddings are padded back to `max_sequence_length` with
+//! zeros and the mask rebuilt (ones then zeros); the negative embedding comes from the store's metadata.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{bounded, Receiver};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::store::fingerprint::fingerprint_folder;
+use crate::store::{LatentRow, LatentStore, StoreConfig};
+
+/// Where the loader is: batch `batch` of epoch `epoch` is the next one it yields. Saved in checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LoaderPosition {
+    pub epoch: u64,
+    pub batch: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderOptions {
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Drop the last incomplete batch of an epoch (SPEC §8.14 #11: the CFG concatenation needs full batches).
+    pub drop_last: bool,
+    /// Batches prepared ahead on the background thread.
+    pub prefetch: usize,
+    /// σd, applied to the latents with the VAE scaling factor.
+    pub sigma_data: f32,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 1,
+            seed: 0,
+            drop_last: true,
+            prefetch: 4,
+            sigma_data: 0.5,
+        }
+    }
+}
+
+/// One training batch on the host, row-major.
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    /// `latent · scaling · σd`, shape `(B, C, H, W)`.
+    pub x0: Vec<f32>,
+    pub latent_shape: [usize; 3],
+    /// `(B, L, D)` with zero rows past each prompt's length.
+    pub prompt_embeds: Vec<f32>,
+    /// `(B, L)`: ones then zeros.
+    pub mask: Vec<f32>,
+    pub ids: Vec<String>,
+    pub captions: Vec<String>,
+    pub max_sequence_length: usize,
+    pub hidden_size: usize,
+    /// The position of this batch (resume from `position.next()` to continue after it).
+    pub position: LoaderPosition,
+}
+
+impl TrainBatch {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// `(x0, prompt_embeds, mask)` as f32 tensors on `device`.
+    pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+        let b = self.len();
+        let [c, h, w] = self.latent_shape;
+        let (l, d) = (self.max_sequence_length, self.hidden_size);
+        Ok((
+            Tensor::from_slice(&self.x0, (b, c, h, w), device)?,
+            Tensor::from_slice(&self.prompt_embeds, (b, l, d), device)?,
+            Tensor::from_slice(&self.mask, (b, l), device)?,
+        ))
+    }
+}
+
+impl LoaderPosition {
+    /// The position after this batch, wrapping to the next epoch.
+    pub fn next(self, batches_per_epoch: u64) -> Self {
+        if self.batch + 1 >= batches_per_epoch {
+            Self {
+                epoch: self.epoch + 1,
+                batch: 0,
+            }
+        } else {
+            Self {
+                epoch: self.epoch,
+                batch: self.batch + 1,
+            }
+        }
+    }
+}
+
+/// SplitMix64: small, seedable, and identical on every platform (the order must survive a resume).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The row order of `epoch`: a Fisher–Yates shuffle of `0..n` seeded by `(seed, epoch)`.
+pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<u64> {
+    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut perm: Vec<u64> = (0..n as u64).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    perm
+}
+
+pub fn batches_per_epoch(rows: usize, batch_size: usize, drop_last: bool) -> u64 {
+    if drop_last {
+        (rows / batch_size) as u64
+    } else {
+        rows.div_ceil(batch_size) as u64
+    }
+}
+
+/// Assembles a batch from store rows (pads embeddings, rebuilds the mask, scales latents).
+pub fn assemble(
+    rows: Vec<LatentRow>,
+    config: &StoreConfig,
+    sigma_data: f32,
+    position: LoaderPosition,
+) -> Result<TrainBatch> {
+    let (l, d) = (config.max_sequence_length, config.text_hidden_size);
+    let shape = config.latent_shape;
+    let numel: usize = shape.iter().product();
+    let scale = config.vae_scaling_factor as f32 * sigma_data;
+    let b = rows.len();
+    let mut x0 = Vec::with_capacity(b * numel);
+    let mut emb = vec![0f32; b * l * d];
+    let mut mask = vec![0f32; b * l];
+    let (mut ids, mut captions) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    for (i, r) in rows.into_iter().enumerate() {
+        let len = r.prompt_len as usize;
+        let row_shape = r.latent_shape.map(|v| v as usize);
+        if row_shape != shape
+            || r.latent.len() != numel
+            || len > l
+            || r.prompt_embeds.len() != len * d
+        {
+            return Err(Error::store(
+                "",
+                format!(
+                    "row {} does not match the store settings (latent_shape {:?} vs {:?}, prompt_len {len}, {} embed values)",
+                    r.id,
+                    r.latent_shape,
+                    shape,
+                    r.prompt_embeds.len()
+                ),
+            ));
+        }
+        x0.extend(r.latent.iter().map(|v| v * scale));
+        emb[i * l * d..i * l * d + len * d].copy_from_slice(&r.prompt_embeds);
+        mask[i * l..i * l + len].iter_mut().for_each(|m| *m = 1.0);
+        ids.push(r.id);
+        captions.push(r.caption);
+    }
+    Ok(TrainBatch {
+        x0,
+        latent_shape: shape,
+        prompt_embeds: emb,
+        mask,
+        ids,
+        captions,
+        max_sequence_length: l,
+        hidden_size: d,
+        position,
+    })
+}
+
+/// The unconditional embedding repeated `batch_size` times, padded to `(B, L, D)`, and its mask `(B, L)`.
+pub fn negative_batch(config: &StoreConfig, batch_size: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (l, d, n) = (
+        config.max_sequence_length,
+        config.text_hidden_size,
+        config.negative_prompt_len,
+    );
+    let neg = config.negative_prompt_embeds()?;
+    let mut emb = vec![0f32; batch_size * l * d];
+    let mut mask = vec![0f32; batch_size * l];
+    for b in 0..batch_size {
+        emb[b * l * d..b * l * d + n * d].copy_from_slice(&neg);
+        mask[b * l..b * l + n].iter_mut().for_each(|m| *m = 1.0);
+    }
+    Ok((emb, mask))
+}
+
+/// Compares the store's VAE / text-encoder / tokenizer fingerprints with a teacher pipeline folder; returns
+/// one line per difference (empty when they agree).
+pub fn fingerprint_mismatches(config: &StoreConfig, teacher_root: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (sub, stored, files) in [
+        ("vae", &config.models.vae, &["config.json"][..]),
+        (
+            "text_encoder",
+            &config.models.text_encoder,
+            &["config.json"][..],
+        ),
+        (
+            "tokenizer",
+            &config.models.tokenizer,
+            &[
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ][..],
+        ),
+    ] {
+        let dir = teacher_root.join(sub);
+        if !dir.is_dir() {
+            out.push(format!(
+                "{sub}: the teacher folder has no {sub}/ to compare with"
+            ));
+            continue;
+        }
+        let now = fingerprint_folder(&dir, files)?;
+        if now != stored.fingerprint {
+            out.push(format!(
+                "{sub}: store was made with {} ({}), teacher folder has {now}",
+                stored.origin, stored.fingerprint
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Streams shuffled batches from a store on a background thread.
+pub struct StoreLoader {
+    rx: Receiver<Result<TrainBatch>>,
+    config: StoreConfig,
+    rows: usize,
+    batches_per_epoch: u64,
+    waited: Duration,
+    _worker: std::thread::JoinHandle<()>,
+}
+
+impl StoreLoader {
+    /// Opens the store and starts prefetching from `start`.
+    pub fn start(path: &Path, opts: &LoaderOptions, start: LoaderPosition) -> Result<Self> {
+        if opts.batch_size == 0 {
+            return Err(Error::Arg("the batch size must be at least 1".into()));
+        }
+        let store = LatentStore::open(path)?;
+        let rows = store.len()?;
+        let per_epoch = batches_per_epoch(rows, opts.batch_size, opts.drop_last);
+        if per_epoch == 0 {
+            return Err(Error::store(
+                path,
+                format!("{rows} rows is less than one batch of {}", opts.batch_size),
+            ));
+        }
+        let config = store.config().clone();
+        let (tx, rx) = bounded(opts.prefetch.max(1));
+        let (opts, path): (LoaderOptions, PathBuf) = (opts.clone(), path.to_path_buf());
+        let worker_config = config.clone();
+        let worker = std::thread::Builder::new()
+            .name("store-loader".into())
+            .spawn(move || {
+                let mut pos = start;
+                let mut perm_epoch = u64::MAX;
+                let mut perm = Vec::new();
+                loop {
+                    if perm_epoch != pos.epoch {
+                        perm = epoch_permutation(rows, opts.seed, pos.epoch);
+                        perm_epoch = pos.epoch;
+                    }
+                    let lo = pos.batch as usize * opts.batch_size;
+                    let hi = (lo + opts.batch_size).min(rows);
+                    let batch = store
+                        .take(&perm[lo..hi])
+                        .and_then(|r| assemble(r, &worker_config, opts.sigma_data, pos))
+                        .map_err(|e| match e {
+                            Error::Store { msg, .. } => Error::store(&path, msg),
+                            e => e,
+                        });
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                    pos = pos.next(per_epoch);
+                }
+            })
+            .map_err(|e| Error::io("store-loader thread", e))?;
+        Ok(Self {
+            rx,
+            config,
+            rows,
+            batches_per_epoch: per_epoch,
+            waited: Duration::ZERO,
+            _worker: worker,
+        })
+    }
+
+    /// The next batch (blocks only if the prefetch queue is empty; that time is counted in `waited`).
+    pub fn next_batch(&mut self) -> Result<TrainBatch> {
+        let t = Instant::now();
+        let b = self
+            .rx
+            .recv()
+            .map_err(|_| Error::Arg("the store loader stopped".into()))?;
+        self.waited += t.elapsed();
+        b
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.batches_per_epoch
+    }
+
+    /// Total time the caller spent blocked on the loader.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}

@@ -1,0 +1,225 @@
+//! The trainer's store loader: batch contents against STORE.md, shuffling reproducibility across resume,
+//! epoch coverage, format-version refusal, and fingerprint checks against a teacher folder.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use sana_sprint::hub::HubConfig;
+use sana_sprint::prep::{self, PrepOptions};
+use sana_sprint::store::{
+    FloatEncoding, LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo,
+    StoreConfig, StoreDType, StoreWriter,
+};
+use sana_sprint::train::loader::{
+    epoch_permutation, fingerprint_mismatches, negative_batch, LoaderOptions, LoaderPosition,
+    StoreLoader,
+};
+
+const D: usize = 6;
+const L: usize = 10;
+
+fn config() -> StoreConfig {
+    let m = |n: &str| ModelInfo {
+        origin: format!("test/{n}"),
+        fingerprint: format!("sha256:{n}"),
+    };
+    StoreConfig {
+        format_version: 1,
+        resolution: 64,
+        max_sequence_length: L,
+        complex_human_instruction: None,
+        vae_scaling_factor: 0.41407,
+        text_hidden_size: D,
+        latent_dtype: StoreDType::Float32,
+        embed_dtype: StoreDType::Float32,
+        negative_prompt_len: 2,
+        negative_prompt_embeds_f32le_b64: StoreConfig::encode_negative(
+            &(0..2 * D).map(|v| v as f32).collect::<Vec<_>>(),
+        ),
+        models: ModelsInfo {
+            vae: m("vae"),
+            text_encoder: m("te"),
+            tokenizer: m("tok"),
+        },
+        preprocess: PreprocessInfo {
+            resize: "r".into(),
+            crop: "c".into(),
+            normalize: "n".into(),
+            mixed_precision: "no".into(),
+        },
+        latent_shape: [2, 2, 2],
+        writer: "test".into(),
+    }
+}
+
+fn row(i: usize) -> LatentRow {
+    let len = 1 + i % L;
+    LatentRow {
+        id: format!("s.parquet#{i}"),
+        caption: format!("caption {i}"),
+        latent: (0..8).map(|k| (i * 10 + k) as f32).collect(),
+        latent_shape: [2, 2, 2],
+        prompt_embeds: (0..len * D).map(|k| (i * 1000 + k) as f32).collect(),
+        prompt_len: len as i32,
+    }
+}
+
+fn make_store(dir: &Path, n: usize) -> PathBuf {
+    let path = dir.join("s.lance");
+    let mut w = StoreWriter::open(
+        &path,
+        config(),
+        OpenMode::CreateOrAppend,
+        FloatEncoding::default(),
+    )
+    .unwrap();
+    for i in 0..n {
+        w.push(row(i));
+        if i % 4 == 3 {
+            w.commit().unwrap(); // several fragments, as a real prep run makes
+        }
+    }
+    w.commit().unwrap();
+    path
+}
+
+fn opts(batch_size: usize, seed: u64, drop_last: bool) -> LoaderOptions {
+    LoaderOptions {
+        batch_size,
+        seed,
+        drop_last,
+        prefetch: 2,
+        sigma_data: 0.5,
+    }
+}
+
+fn index_of(id: &str) -> usize {
+    id.split('#').nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn batches_follow_the_store_contract() {
+    let d = tempfile::tempdir().unwrap();
+    let path = make_store(d.path(), 11);
+    let mut loader =
+        StoreLoader::start(&path, &opts(3, 7, true), LoaderPosition::default()).unwrap();
+    assert_eq!(loader.batches_per_epoch(), 3);
+    let b = loader.next_batch().unwrap();
+    assert_eq!(b.len(), 3);
+    for (k, id) in b.ids.iter().enumerate() {
+        let i = index_of(id);
+        let want = row(i);
+        assert_eq!(b.captions[k], want.caption);
+        for j in 0..8 {
+            let expect = want.latent[j] * 0.41407 * 0.5;
+            assert!((b.x0[k * 8 + j] - expect).abs() < 1e-5);
+        }
+        let len = want.prompt_len as usize;
+        let m = &b.mask[k * L..(k + 1) * L];
+        assert!(m[..len].iter().all(|&v| v == 1.0) && m[len..].iter().all(|&v| v == 0.0));
+        let e = &b.prompt_embeds[k * L * D..(k + 1) * L * D];
+        assert_eq!(&e[..len * D], &want.prompt_embeds[..]);
+        assert!(e[len * D..].iter().all(|&v| v == 0.0));
+    }
+    let (x0, emb, mask) = b.to_tensors(&candle_core::Device::Cpu).unwrap();
+    assert_eq!(x0.dims(), &[3, 2, 2, 2]);
+    assert_eq!(emb.dims(), &[3, L, D]);
+    assert_eq!(mask.dims(), &[3, L]);
+    let (neg, neg_mask) = negative_batch(loader.config(), 3).unwrap();
+    assert_eq!(neg.len(), 3 * L * D);
+    assert_eq!(
+        &neg[L * D..L * D + 2 * D],
+        &(0..2 * D).map(|v| v as f32).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(&neg_mask[..L], &[1., 1., 0., 0., 0., 0., 0., 0., 0., 0.]);
+}
+
+#[test]
+fn epochs_cover_every_row_once_and_shuffle_reproducibly() {
+    let d = tempfile::tempdir().unwrap();
+    let path = make_store(d.path(), 10);
+    let collect =
+        |seed: u64, drop_last: bool, start: LoaderPosition, n: usize| -> Vec<Vec<String>> {
+            let mut l = StoreLoader::start(&path, &opts(3, seed, drop_last), start).unwrap();
+            (0..n).map(|_| l.next_batch().unwrap().ids).collect()
+        };
+    // drop_last=false: 4 batches (3,3,3,1) cover all 10 rows exactly once.
+    let epoch0 = collect(1, false, LoaderPosition::default(), 4);
+    assert_eq!(
+        epoch0.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![3, 3, 3, 1]
+    );
+    let seen: HashSet<&String> = epoch0.iter().flatten().collect();
+    assert_eq!(seen.len(), 10);
+    // drop_last=true: 3 full batches per epoch; the next batch starts epoch 1 with another order.
+    let run = collect(1, true, LoaderPosition::default(), 6);
+    assert_eq!(run[..3], epoch0[..3], "same seed, same order");
+    assert_ne!(run[3..6], run[0..3], "epochs are reshuffled");
+    assert_ne!(
+        collect(2, true, LoaderPosition::default(), 3),
+        run[..3].to_vec(),
+        "seed matters"
+    );
+    // Resume from any position continues exactly as an uninterrupted run.
+    let resumed = collect(1, true, LoaderPosition { epoch: 0, batch: 2 }, 4);
+    assert_eq!(resumed, run[2..6].to_vec());
+    assert_eq!(epoch_permutation(10, 1, 0), epoch_permutation(10, 1, 0));
+}
+
+#[test]
+fn unknown_format_version_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let path = make_store(d.path(), 2);
+    let mut cfg: serde_json::Value = serde_json::to_value(config()).unwrap();
+    cfg["format_version"] = serde_json::json!(2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut ds = lance::dataset::Dataset::open(path.to_str().unwrap())
+            .await
+            .unwrap();
+        ds.update_schema_metadata([("sprint.config".to_string(), Some(cfg.to_string()))])
+            .await
+            .unwrap();
+    });
+    let err = LatentStore::open(&path)
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(
+        err.contains("format_version") && err.contains("not supported"),
+        "{err}"
+    );
+    assert!(StoreLoader::start(&path, &opts(1, 0, true), LoaderPosition::default()).is_err());
+}
+
+#[test]
+fn fingerprints_are_checked_against_the_teacher_folder() {
+    let teacher = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/tiny-sana-sprint");
+    let mism = fingerprint_mismatches(&config(), &teacher).unwrap();
+    assert_eq!(mism.len(), 3, "{mism:?}");
+    // A store prepared from the same folder matches it.
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("p.lance");
+    let o = PrepOptions {
+        pretrained_model_name_or_path: teacher.display().to_string(),
+        file_path: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("datasets/demo/train_001.parquet")
+            .display()
+            .to_string()],
+        output: out.clone(),
+        resolution: 64,
+        progress: false,
+        device: "cpu".into(),
+        ..PrepOptions::default()
+    };
+    let hub = HubConfig {
+        cache_dir: d.path().join("cache"),
+        offline: true,
+        revision: "main".into(),
+    };
+    prep::run(&o, &hub).unwrap();
+    let store = LatentStore::open(&out).unwrap();
+    assert!(fingerprint_mismatches(store.config(), &teacher)
+        .unwrap()
+        .is_empty());
+}
