@@ -1,0 +1,798 @@
+//! SanaTransformer2DModel (diffusers): teacher and student backbones (SPEC §2–§3).
+//!
+//! Every layer is written over [`Dual`], so the plain forward is the dual forward without tangents and the
+//! student's JVP (SPEC §9) is the same pass with tangents on the latent and the timestep. Layers are built from
+//! differentiable candle primitives (no fused norms/softmax) so reverse mode works through the same code, and
+//! the constructor only takes views of the weights it is given (no copies), so a `Var`-backed model trains
+//! its variables in place. Internally tokens stay channels-last: (B, N, D) with N = H·W row-major; the FFN's
+//! 1×1 convolutions are linears over D and its depthwise 3×3 convolution runs on (B, H, W, C).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::Deserialize;
+
+use crate::models::weights::Weights;
+use crate::nn::dual::{self, Dual, Linear};
+use crate::{Error, Result};
+
+/// Width of the sinusoidal timestep features fed to the timestep MLPs.
+const TIMESTEP_FEATURES: usize = 256;
+/// eps of the attention q/k RMSNorms and of `caption_norm` (diffusers `Attention` / `RMSNorm` defaults).
+const QK_NORM_EPS: f64 = 1e-5;
+/// eps of the final modulated LayerNorm (`SanaModulatedNorm`).
+const NORM_OUT_EPS: f64 = 1e-6;
+
+/// `transformer/config.json`; defaults are those of diffusers' `SanaTransformer2DModel.__init__`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SanaConfig {
+    pub in_channels: usize,
+    pub out_channels: Option<usize>,
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub num_layers: usize,
+    pub num_cross_attention_heads: Option<usize>,
+    pub cross_attention_head_dim: Option<usize>,
+    pub cross_attention_dim: Option<usize>,
+    pub caption_channels: usize,
+    pub mlp_ratio: f64,
+    pub dropout: f64,
+    pub attention_bias: bool,
+    pub sample_size: usize,
+    pub patch_size: usize,
+    pub norm_elementwise_affine: bool,
+    pub norm_eps: f64,
+    pub interpolation_scale: Option<f64>,
+    pub guidance_embeds: bool,
+    /// Read only by the Sprint pipeline (callers pass guidance already scaled); not used by `forward`.
+    pub guidance_embeds_scale: f64,
+    pub qk_norm: Option<String>,
+    /// Read only by `SanaPipeline`; not used by `forward`.
+    pub timestep_scale: f64,
+}
+
+impl Default for SanaConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 32,
+            out_channels: Some(32),
+            num_attention_heads: 70,
+            attention_head_dim: 32,
+            num_layers: 20,
+            num_cross_attention_heads: Some(20),
+            cross_attention_head_dim: Some(112),
+            cross_attention_dim: Some(2240),
+            caption_channels: 2304,
+            mlp_ratio: 2.5,
+            dropout: 0.0,
+            attention_bias: false,
+            sample_size: 32,
+            patch_size: 1,
+            norm_elementwise_affine: false,
+            norm_eps: 1e-6,
+            interpolation_scale: None,
+            guidance_embeds: false,
+            guidance_embeds_scale: 0.1,
+            qk_norm: None,
+            timestep_scale: 1.0,
+        }
+    }
+}
+
+impl SanaConfig {
+    /// Reads `<dir>/config.json`.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::model(&path, format!("invalid transformer config: {e}")))
+    }
+
+    /// Model width D = heads · head_dim.
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// Hidden width of the GLUMBConv FFN, `int(mlp_ratio · D)`.
+    pub fn ff_hidden(&self) -> usize {
+        (self.mlp_ratio * self.inner_dim() as f64) as usize
+    }
+
+    /// Rejects settings this implementation does not cover (none of them occur in SANA-Sprint checkpoints).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.interpolation_scale.is_some() {
+            return Err("interpolation_scale is set (sincos positional embedding); only NoPE models (null) are supported".into());
+        }
+        if self.norm_elementwise_affine {
+            return Err(
+                "norm_elementwise_affine = true is not supported (SANA-Sprint uses false)".into(),
+            );
+        }
+        if self.dropout != 0.0 {
+            return Err(format!(
+                "dropout = {} is not supported (SANA-Sprint uses 0.0)",
+                self.dropout
+            ));
+        }
+        match self.qk_norm.as_deref() {
+            None | Some("rms_norm_across_heads") => {}
+            Some(other) => {
+                return Err(format!(
+                    "qk_norm \"{other}\" is not supported (use \"rms_norm_across_heads\" or null)"
+                ))
+            }
+        }
+        if self.cross_attention_dim.is_none()
+            || self.num_cross_attention_heads.is_none()
+            || self.cross_attention_head_dim.is_none()
+        {
+            return Err("cross_attention_dim, num_cross_attention_heads and cross_attention_head_dim must be set".into());
+        }
+        if self.patch_size == 0 {
+            return Err("patch_size must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Which attention the blocks' self-attention (`attn1`) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SelfAttention {
+    /// ReLU linear attention (`SanaLinearAttnProcessor2_0`): the checkpoint's own processor.
+    #[default]
+    Linear,
+    /// Softmax attention (the reference training script's processor swap on the student, SPEC §8.14 #1).
+    Softmax,
+}
+
+/// PyTorch's default init for Linear/Conv weights and biases: U(±1/√fan_in) (used only for missing keys).
+fn torch_default_init(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+fn linear(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    let init = torch_default_init(in_dim);
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    let bias = if bias {
+        Some(vb.get_with_hints(out_dim, "bias", init)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+/// A 1×1 Conv2d as a Linear over channels (the weight `[out, in, 1, 1]` viewed as `[out, in]`).
+fn conv1x1(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    let init = torch_default_init(in_dim);
+    let weight = vb
+        .get_with_hints((out_dim, in_dim, 1, 1), "weight", init)?
+        .squeeze(3)?
+        .squeeze(2)?;
+    let bias = if bias {
+        Some(vb.get_with_hints(out_dim, "bias", init)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+fn norm_weight(vb: &VarBuilder, dim: usize) -> Result<Tensor> {
+    Ok(vb.get_with_hints(dim, "weight", Init::Const(1.0))?)
+}
+
+/// `scale_shift_table` (rows, D), initialised randn/√D like diffusers.
+fn scale_shift_table(vb: &VarBuilder, rows: usize, dim: usize) -> Result<Tensor> {
+    let stdev = 1.0 / (dim as f64).sqrt();
+    Ok(vb.get_with_hints(
+        (rows, dim),
+        "scale_shift_table",
+        Init::Randn { mean: 0.0, stdev },
+    )?)
+}
+
+/// `y = LN(x)·(1 + scale) + shift`.
+fn modulate(normed: &Dual, shift: &Dual, scale: &Dual) -> Result<Dual> {
+    Ok(normed.mul(&scale.affine(1.0, 1.0)?)?.add(shift)?)
+}
+
+/// (B, N, H·d) → (B, H, N, d), contiguous for batched matmuls.
+fn split_heads(x: &Dual, heads: usize) -> Result<Dual> {
+    let (b, n, inner) = x.primal.dims3()?;
+    Ok(x.reshape((b, n, heads, inner / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// (B, H, N, d) → (B, N, H·d).
+fn merge_heads(x: &Dual) -> Result<Dual> {
+    let (b, h, n, d) = x.primal.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
+}
+
+/// diffusers `TimestepEmbedding(256, D)`: linear_1 → SiLU → linear_2.
+#[derive(Clone, Debug)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: &VarBuilder, dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(&vb.pp("linear_1"), TIMESTEP_FEATURES, dim, true)?,
+            linear_2: linear(&vb.pp("linear_2"), dim, dim, true)?,
+        })
+    }
+
+    /// Sinusoid features of `t` (f32), cast to `dtype`, through the MLP.
+    fn forward(&self, t: &Dual, dtype: DType) -> Result<Dual> {
+        let features = dual::timestep_features(t, TIMESTEP_FEATURES)?.to_dtype(dtype)?;
+        Ok(self
+            .linear_2
+            .forward(&self.linear_1.forward(&features)?.silu()?)?)
+    }
+}
+
+/// The time conditioning module `time_embed` (SPEC §2.6).
+#[derive(Clone, Debug)]
+enum TimeEmbed {
+    /// `AdaLayerNormSingle` (teacher, `guidance_embeds = false`).
+    Single {
+        timestep_embedder: TimestepEmbedding,
+        linear: Linear,
+    },
+    /// `SanaCombinedTimestepGuidanceEmbeddings` (student, `guidance_embeds = true`).
+    Guided {
+        timestep_embedder: TimestepEmbedding,
+        guidance_embedder: TimestepEmbedding,
+        linear: Linear,
+    },
+}
+
+/// diffusers `Attention` with `rms_norm_across_heads` q/k norms (or none), as Sana uses it.
+#[derive(Clone, Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    norm_q: Option<Tensor>,
+    norm_k: Option<Tensor>,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vb: &VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+        qk_norm: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let (norm_q, norm_k) = if qk_norm {
+            (
+                Some(norm_weight(&vb.pp("norm_q"), inner)?),
+                Some(norm_weight(&vb.pp("norm_k"), inner)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            to_q: linear(&vb.pp("to_q"), query_dim, inner, bias)?,
+            to_k: linear(&vb.pp("to_k"), context_dim, inner, bias)?,
+            to_v: linear(&vb.pp("to_v"), context_dim, inner, bias)?,
+            norm_q,
+            norm_k,
+            to_out: linear(&vb.pp("to_out").pp("0"), inner, query_dim, true)?,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// Projected, q/k-normalised, head-split (B, H, ·, d) queries, keys and values.
+    fn qkv(&self, x: &Dual, context: &Dual) -> Result<(Dual, Dual, Dual)> {
+        let mut q = self.to_q.forward(x)?;
+        let mut k = self.to_k.forward(context)?;
+        if let Some(w) = &self.norm_q {
+            q = dual::rms_norm(&q, w, QK_NORM_EPS)?;
+        }
+        if let Some(w) = &self.norm_k {
+            k = dual::rms_norm(&k, w, QK_NORM_EPS)?;
+        }
+        let v = self.to_v.forward(context)?;
+        Ok((
+            split_heads(&q, self.heads)?,
+            split_heads(&k, self.heads)?,
+            split_heads(&v, self.heads)?,
+        ))
+    }
+
+    fn forward(
+        &self,
+        x: &Dual,
+        context: &Dual,
+        kind: SelfAttention,
+        bias: Option<&Tensor>,
+    ) -> Result<Dual> {
+        let (q, k, v) = self.qkv(x, context)?;
+        let out = match kind {
+            SelfAttention::Linear => dual::relu_linear_attention(&q, &k, &v)?,
+            SelfAttention::Softmax => {
+                dual::softmax_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt(), bias)?
+            }
+        };
+        self.to_out.forward(&merge_heads(&out)?).map_err(Into::into)
+    }
+}
+
+/// `GLUMBConv(D, D, mlp_ratio, norm_type=None, residual_connection=False)` on channels-last tokens.
+#[derive(Clone, Debug)]
+struct GluMbConv {
+    conv_inverted: Linear,
+    conv_depth_weight: Tensor,
+    conv_depth_bias: Tensor,
+    conv_point: Linear,
+    hidden: usize,
+}
+
+impl GluMbConv {
+    fn new(vb: &VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
+        let depth = vb.pp("conv_depth");
+        // depthwise conv: fan_in = (in / groups) · 3 · 3 = 9
+        let depth_init = torch_default_init(9);
+        Ok(Self {
+            conv_inverted: conv1x1(&vb.pp("conv_inverted"), dim, 2 * hidden, true)?,
+            conv_depth_weight: depth.get_with_hints((2 * hidden, 1, 3, 3), "weight", depth_init)?,
+            conv_depth_bias: depth.get_with_hints(2 * hidden, "bias", depth_init)?,
+            conv_point: conv1x1(&vb.pp("conv_point"), hidden, dim, false)?,
+            hidden,
+        })
+    }
+
+    /// x (B, N, D) on an H×W grid → (B, N, D).
+    fn forward(&self, x: &Dual, height: usize, width: usize) -> Result<Dual> {
+        let (b, n, _) = x.primal.dims3()?;
+        let a =
+            self.conv_inverted
+                .forward(x)?
+                .silu()?
+                .reshape((b, height, width, 2 * self.hidden))?;
+        let d = dual::depthwise_conv2d_channels_last(
+            &a,
+            &self.conv_depth_weight,
+            Some(&self.conv_depth_bias),
+        )?;
+        let (h, gate) = (
+            d.narrow(3, 0, self.hidden)?,
+            d.narrow(3, self.hidden, self.hidden)?,
+        );
+        let gated = h.mul(&gate.silu()?)?.reshape((b, n, self.hidden))?;
+        Ok(self.conv_point.forward(&gated)?)
+    }
+}
+
+/// `SanaTransformerBlock` (SPEC §3.2).
+#[derive(Clone, Debug)]
+pub struct SanaTransformerBlock {
+    scale_shift_table: Tensor,
+    attn1: Attention,
+    attn2: Attention,
+    ff: GluMbConv,
+    norm_eps: f64,
+}
+
+impl SanaTransformerBlock {
+    /// Builds block `transformer_blocks.{i}` from `vb` already at that prefix.
+    pub fn new(vb: &VarBuilder, cfg: &SanaConfig) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let qk_norm = cfg.qk_norm.is_some();
+        let missing = || Error::Arg("cross-attention settings missing from the config".into());
+        let cross_heads = cfg.num_cross_attention_heads.ok_or_else(missing)?;
+        let cross_head_dim = cfg.cross_attention_head_dim.ok_or_else(missing)?;
+        let cross_dim = cfg.cross_attention_dim.ok_or_else(missing)?;
+        Ok(Self {
+            scale_shift_table: scale_shift_table(vb, 6, dim)?,
+            attn1: Attention::new(
+                &vb.pp("attn1"),
+                dim,
+                dim,
+                cfg.num_attention_heads,
+                cfg.attention_head_dim,
+                cfg.attention_bias,
+                qk_norm,
+            )?,
+            attn2: Attention::new(
+                &vb.pp("attn2"),
+                dim,
+                cross_dim,
+                cross_heads,
+                cross_head_dim,
+                true,
+                qk_norm,
+            )?,
+            ff: GluMbConv::new(&vb.pp("ff"), dim, cfg.ff_hidden())?,
+            norm_eps: cfg.norm_eps,
+        })
+    }
+
+    /// x (B, N, D) on a `height`×`width` token grid, caption (B, L, D) (projected and normed), additive mask
+    /// bias broadcastable to (B, heads, N, L), tmod (B, 6D) → (B, N, D).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &Dual,
+        caption: &Dual,
+        mask_bias: Option<&Tensor>,
+        tmod: &Dual,
+        height: usize,
+        width: usize,
+        self_attention: SelfAttention,
+    ) -> Result<Dual> {
+        let (b, _, dim) = x.primal.dims3()?;
+        let table = Dual::constant(self.scale_shift_table.unsqueeze(0)?);
+        let modulation = tmod.reshape((b, 6, dim))?.add(&table)?.chunk(6, 1)?;
+        let [shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp] =
+            modulation.as_slice()
+        else {
+            unreachable!("chunk(6) yields six parts")
+        };
+
+        let h = modulate(&dual::layer_norm(x, self.norm_eps)?, shift_msa, scale_msa)?;
+        let attn = self.attn1.forward(&h, &h, self_attention, None)?;
+        let x = x.add(&gate_msa.mul(&attn)?)?;
+
+        let x = x.add(
+            &self
+                .attn2
+                .forward(&x, caption, SelfAttention::Softmax, mask_bias)?,
+        )?;
+
+        let h = modulate(&dual::layer_norm(&x, self.norm_eps)?, shift_mlp, scale_mlp)?;
+        let ff = self.ff.forward(&h, height, width)?;
+        Ok(x.add(&gate_mlp.mul(&ff)?)?)
+    }
+}
+
+/// diffusers `SanaTransformer2DModel`: the teacher (`guidance_embeds = false`) or the student backbone.
+#[derive(Clone, Debug)]
+pub struct SanaTransformer2DModel {
+    config: SanaConfig,
+    dtype: DType,
+    self_attention: SelfAttention,
+    /// `patch_embed.proj` Conv2d (kernel = stride = p): weight (D, C, p, p) and bias (D,).
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    time_embed: TimeEmbed,
+    caption_linear_1: Linear,
+    caption_linear_2: Linear,
+    caption_norm: Tensor,
+    blocks: Vec<SanaTransformerBlock>,
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+}
+
+impl SanaTransformer2DModel {
+    /// Builds the model from weights under their diffusers key names; the working dtype is `vb`'s.
+    pub fn new(cfg: &SanaConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()
+            .map_err(|msg| Error::Arg(format!("SanaTransformer2DModel config: {msg}")))?;
+        let dim = cfg.inner_dim();
+        let p = cfg.patch_size;
+        let patch_in = cfg.in_channels * p * p;
+        let patch = vb.pp("patch_embed").pp("proj");
+        let patch_init = torch_default_init(patch_in);
+        let patch_weight =
+            patch.get_with_hints((dim, cfg.in_channels, p, p), "weight", patch_init)?;
+        let patch_bias = patch.get_with_hints(dim, "bias", patch_init)?;
+
+        let te = vb.pp("time_embed");
+        let time_embed = if cfg.guidance_embeds {
+            TimeEmbed::Guided {
+                timestep_embedder: TimestepEmbedding::new(&te.pp("timestep_embedder"), dim)?,
+                guidance_embedder: TimestepEmbedding::new(&te.pp("guidance_embedder"), dim)?,
+                linear: linear(&te.pp("linear"), dim, 6 * dim, true)?,
+            }
+        } else {
+            TimeEmbed::Single {
+                timestep_embedder: TimestepEmbedding::new(
+                    &te.pp("emb").pp("timestep_embedder"),
+                    dim,
+                )?,
+                linear: linear(&te.pp("linear"), dim, 6 * dim, true)?,
+            }
+        };
+
+        let caption = vb.pp("caption_projection");
+        let blocks = (0..cfg.num_layers)
+            .map(|i| SanaTransformerBlock::new(&vb.pp("transformer_blocks").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: cfg.clone(),
+            dtype: vb.dtype(),
+            self_attention: SelfAttention::Linear,
+            patch_weight,
+            patch_bias,
+            time_embed,
+            caption_linear_1: linear(&caption.pp("linear_1"), cfg.caption_channels, dim, true)?,
+            caption_linear_2: linear(&caption.pp("linear_2"), dim, dim, true)?,
+            caption_norm: norm_weight(&vb.pp("caption_norm"), dim)?,
+            blocks,
+            scale_shift_table: scale_shift_table(&vb, 2, dim)?,
+            proj_out: linear(&vb.pp("proj_out"), dim, p * p * cfg.out_channels(), true)?,
+        })
+    }
+
+    /// Loads `config.json` and `diffusion_pytorch_model*.safetensors` from a diffusers `transformer/` folder,
+    /// converting the weights to `dtype`.
+    pub fn load(transformer_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = SanaConfig::from_folder(transformer_dir)?;
+        cfg.validate()
+            .map_err(|msg| Error::model(transformer_dir.join("config.json"), msg))?;
+        let vb = Weights::from_folder(transformer_dir, &["diffusion_pytorch_model"])?
+            .var_builder(dtype, device);
+        Self::new(&cfg, vb)
+    }
+
+    /// Selects the self-attention processor (default: the checkpoint's linear attention).
+    pub fn with_self_attention(mut self, kind: SelfAttention) -> Self {
+        self.self_attention = kind;
+        self
+    }
+
+    pub fn config(&self) -> &SanaConfig {
+        &self.config
+    }
+
+    /// The working dtype (that of the weights).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// `time_embed(timestep, guidance)` → (`tmod` (B, 6D) driving the blocks, `temb` (B, D) driving the final
+    /// norm), in the working dtype. The student (guidance variant) needs `guidance`; the teacher refuses it.
+    pub fn time_embed(&self, timestep: &Dual, guidance: Option<&Tensor>) -> Result<(Dual, Dual)> {
+        let (cond, linear) = match (&self.time_embed, guidance) {
+            (
+                TimeEmbed::Single {
+                    timestep_embedder,
+                    linear,
+                },
+                None,
+            ) => (timestep_embedder.forward(timestep, self.dtype)?, linear),
+            (
+                TimeEmbed::Guided {
+                    timestep_embedder,
+                    guidance_embedder,
+                    linear,
+                },
+                Some(g),
+            ) => {
+                let te = timestep_embedder.forward(timestep, self.dtype)?;
+                let ge = guidance_embedder.forward(&Dual::constant(g.clone()), self.dtype)?;
+                (te.add(&ge)?, linear)
+            }
+            (TimeEmbed::Single { .. }, Some(_)) => return Err(Error::Arg(
+                "guidance given to a model without a guidance embedder (guidance_embeds = false)"
+                    .into(),
+            )),
+            (TimeEmbed::Guided { .. }, None) => {
+                return Err(Error::Arg(
+                    "this model has a guidance embedder (guidance_embeds = true): pass guidance"
+                        .into(),
+                ))
+            }
+        };
+        Ok((linear.forward(&cond.silu()?)?, cond))
+    }
+
+    /// Full forward (SPEC §3.1): hidden_states x (B, C, H, W), encoder_hidden_states (B, L, caption_channels),
+    /// flow time `timestep` (B,), guidance (B,) (student only, already scaled), encoder_attention_mask (B, L)
+    /// {1 keep, 0 drop}. Returns the velocity (B, C_out, H, W) in the working dtype; its tangent is the JVP
+    /// along the tangents of `x` and `timestep`.
+    pub fn forward(
+        &self,
+        x: &Dual,
+        encoder_hidden_states: &Tensor,
+        timestep: &Dual,
+        guidance: Option<&Tensor>,
+        encoder_attention_mask: Option<&Tensor>,
+    ) -> Result<Dual> {
+        let (out, _) = self.run(
+            x,
+            encoder_hidden_states,
+            timestep,
+            guidance,
+            encoder_attention_mask,
+            &[],
+            false,
+        )?;
+        Ok(out.expect("a full run produces the output"))
+    }
+
+    /// `forward`, also returning the outputs (B, N, D) of the blocks at the 0-based indices `taps`, in the
+    /// order of `taps`.
+    pub fn forward_with_taps(
+        &self,
+        x: &Dual,
+        encoder_hidden_states: &Tensor,
+        timestep: &Dual,
+        guidance: Option<&Tensor>,
+        encoder_attention_mask: Option<&Tensor>,
+        taps: &[usize],
+    ) -> Result<(Dual, Vec<Dual>)> {
+        let (out, features) = self.run(
+            x,
+            encoder_hidden_states,
+            timestep,
+            guidance,
+            encoder_attention_mask,
+            taps,
+            false,
+        )?;
+        Ok((out.expect("a full run produces the output"), features))
+    }
+
+    /// Only the outputs of the blocks at `taps` (in the order of `taps`); stops after the last one of them.
+    pub fn block_outputs(
+        &self,
+        x: &Dual,
+        encoder_hidden_states: &Tensor,
+        timestep: &Dual,
+        guidance: Option<&Tensor>,
+        encoder_attention_mask: Option<&Tensor>,
+        taps: &[usize],
+    ) -> Result<Vec<Dual>> {
+        Ok(self
+            .run(
+                x,
+                encoder_hidden_states,
+                timestep,
+                guidance,
+                encoder_attention_mask,
+                taps,
+                true,
+            )?
+            .1)
+    }
+
+    /// The caption branch (constant for any JVP): caption_projection (GELU-tanh; candle's `gelu` is the tanh
+    /// approximation) → caption_norm, (B, L, D).
+    fn caption(&self, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        let y = encoder_hidden_states.to_dtype(self.dtype)?;
+        let y = self
+            .caption_linear_2
+            .forward_t(&self.caption_linear_1.forward_t(&y)?.gelu()?)?;
+        Ok(dual::rms_norm(&Dual::constant(y), &self.caption_norm, QK_NORM_EPS)?.primal)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        x: &Dual,
+        encoder_hidden_states: &Tensor,
+        timestep: &Dual,
+        guidance: Option<&Tensor>,
+        encoder_attention_mask: Option<&Tensor>,
+        taps: &[usize],
+        stop_after_taps: bool,
+    ) -> Result<(Option<Dual>, Vec<Dual>)> {
+        let (b, c, height, width) = x.primal.dims4()?;
+        let p = self.config.patch_size;
+        if c != self.config.in_channels || !height.is_multiple_of(p) || !width.is_multiple_of(p) {
+            return Err(Error::Arg(format!(
+                "latent of shape {:?} does not fit the transformer (in_channels {}, patch size {p})",
+                x.dims(),
+                self.config.in_channels
+            )));
+        }
+        if timestep.dims() != [b] {
+            return Err(Error::Arg(format!(
+                "timestep must have shape [{b}], got {:?}",
+                timestep.dims()
+            )));
+        }
+        if let Some(&bad) = taps.iter().find(|&&i| i >= self.blocks.len()) {
+            return Err(Error::Arg(format!(
+                "block index {bad} out of range: the model has {} blocks",
+                self.blocks.len()
+            )));
+        }
+        let (gh, gw) = (height / p, width / p);
+
+        // mask → additive bias (B, 1, 1, L) in the working dtype, broadcast over heads and queries
+        let mask_bias = encoder_attention_mask
+            .map(|m| -> Result<Tensor> {
+                let (mb, l) = m.dims2()?;
+                Ok(m.to_dtype(self.dtype)?
+                    .affine(-1.0, 1.0)?
+                    .affine(-10000.0, 0.0)?
+                    .reshape((mb, 1, 1, l))?)
+            })
+            .transpose()?;
+
+        // patch embed: (B, C, H, W) → (B, N, C·p·p) patches → (B, N, D)
+        let patches = x
+            .to_dtype(self.dtype)?
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, gh * gw, c * p * p))?;
+        // the conv as a Linear over flattened (C, p, p) patches (a view of the weight, taken here so that the
+        // constructor never copies)
+        let patch_embed = Linear::new(
+            self.patch_weight.flatten_from(1)?,
+            Some(self.patch_bias.clone()),
+        );
+        let mut hidden = patch_embed.forward(&patches)?;
+
+        let (tmod, temb) = self.time_embed(timestep, guidance)?;
+        let caption = Dual::constant(self.caption(encoder_hidden_states)?);
+
+        let last_tap = taps.iter().copied().max();
+        let mut tapped: Vec<(usize, Dual)> = Vec::with_capacity(taps.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            hidden = block.forward(
+                &hidden,
+                &caption,
+                mask_bias.as_ref(),
+                &tmod,
+                gh,
+                gw,
+                self.self_attention,
+            )?;
+            if taps.contains(&i) {
+                tapped.push((i, hidden.clone()));
+            }
+            if stop_after_taps && Some(i) == last_tap {
+                break;
+            }
+        }
+        let features = taps
+            .iter()
+            .map(|i| {
+                tapped
+                    .iter()
+                    .find(|(j, _)| j == i)
+                    .map(|(_, f)| f.clone())
+                    .expect("every tap was recorded")
+            })
+            .collect();
+        if stop_after_taps {
+            return Ok((None, features));
+        }
+
+        // final layer: shift, scale = scale_shift_table (1, 2, D) + temb (B, 1, D)
+        let dim = self.config.inner_dim();
+        let table = Dual::constant(self.scale_shift_table.unsqueeze(0)?);
+        let shift_scale = temb.reshape((b, 1, dim))?.add(&table)?;
+        let (shift, scale) = (shift_scale.narrow(1, 0, 1)?, shift_scale.narrow(1, 1, 1)?);
+        let hidden = modulate(&dual::layer_norm(&hidden, NORM_OUT_EPS)?, &shift, &scale)?;
+        let out = self.proj_out.forward(&hidden)?;
+
+        // unpatchify: (B, N, p·p·C) → (B, H', W', p, p, C) → (B, C, H'·p, W'·p)
+        let co = self.config.out_channels();
+        let out = out
+            .reshape((b, gh, gw, p, p, co))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((b, co, height, width))?;
+        Ok((Some(out), features))
+    }
+}

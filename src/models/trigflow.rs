@@ -1,0 +1,147 @@
+//! TrigFlow wrapper (SPEC §8.4) and the logvar head.
+//!
+//! The backbone is a flow-matching model in flow time τ ∈ [0, 1]; the wrapper turns it into a TrigFlow model in
+//! t ∈ [0, π/2]: τ = sin t / (cos t + sin t), ρ = √(τ² + (1−τ)²), x_in = ρ·x,
+//! F = ((1−2τ)·x_in + (1−2τ+2τ²)·v(x_in, τ)) / ρ. All wrapper arithmetic is f32 (SPEC §11) and is written over
+//! [`Dual`], so tangents of both x and t flow through τ, ρ and the backbone: `forward` with tangents
+//! (v_x, v_t) returns dF, the JVP used by the sCM loss.
+
+use candle_core::Tensor;
+use candle_nn::{Init, VarBuilder};
+
+use crate::models::sana::SanaTransformer2DModel;
+use crate::nn::dual::{compute_dtype, Dual, Linear};
+use crate::Result;
+
+/// A SANA backbone in TrigFlow parameterisation (`SanaTrigFlow`), with the student's logvar head if present.
+#[derive(Clone, Debug)]
+pub struct SanaTrigFlow {
+    transformer: SanaTransformer2DModel,
+    logvar_linear: Option<Linear>,
+}
+
+/// Flow time τ (B,) and input scale ρ (B,) of TrigFlow time t (B,), in f32 (f64 for f64 t).
+pub fn flow_time(t: &Dual) -> Result<(Dual, Dual)> {
+    let t = t.to_dtype(compute_dtype(t.dtype()))?;
+    let (sin, cos) = (t.sin()?, t.cos()?);
+    let tau = sin.div(&cos.add(&sin)?)?;
+    let rho = tau.sqr()?.add(&tau.affine(-1.0, 1.0)?.sqr()?)?.sqrt()?;
+    Ok((tau, rho))
+}
+
+impl SanaTrigFlow {
+    /// The wrapper without a logvar head (teacher).
+    pub fn new(transformer: SanaTransformer2DModel) -> Self {
+        Self {
+            transformer,
+            logvar_linear: None,
+        }
+    }
+
+    /// The wrapper with the logvar head `logvar_linear` = Linear(D → 1) read from `vb` (the checkpoint root);
+    /// missing keys are initialised as the training script does: Xavier-uniform weight, zero bias.
+    pub fn with_logvar(transformer: SanaTransformer2DModel, vb: &VarBuilder) -> Result<Self> {
+        let dim = transformer.config().inner_dim();
+        let bound = (6.0 / (dim + 1) as f64).sqrt();
+        let vb = vb.pp("logvar_linear");
+        let weight = vb.get_with_hints(
+            (1, dim),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let bias = vb.get_with_hints(1, "bias", Init::Const(0.0))?;
+        Ok(Self {
+            transformer,
+            logvar_linear: Some(Linear::new(weight, Some(bias))),
+        })
+    }
+
+    pub fn transformer(&self) -> &SanaTransformer2DModel {
+        &self.transformer
+    }
+
+    pub fn has_logvar(&self) -> bool {
+        self.logvar_linear.is_some()
+    }
+
+    /// F(x, t) (B, C, H, W) in f32 (f64 when x is f64) for x = x_t/σd (B, C, H, W) and TrigFlow time t (B,);
+    /// with tangents on x and/or t the result's tangent is dF. `guidance` (B,) is the student's (already scaled) guidance input.
+    pub fn forward(
+        &self,
+        x: &Dual,
+        encoder_hidden_states: &Tensor,
+        t: &Dual,
+        guidance: Option<&Tensor>,
+        encoder_attention_mask: Option<&Tensor>,
+    ) -> Result<Dual> {
+        let b = x.dims()[0];
+        let cdt = compute_dtype(x.dtype());
+        let (tau, rho) = flow_time(t)?;
+        let (tau4, rho4) = (
+            tau.reshape((b, 1, 1, 1))?.to_dtype(cdt)?,
+            rho.reshape((b, 1, 1, 1))?.to_dtype(cdt)?,
+        );
+        let x_in = x.to_dtype(cdt)?.mul(&rho4)?;
+        let v = self
+            .transformer
+            .forward(
+                &x_in,
+                encoder_hidden_states,
+                &tau,
+                guidance,
+                encoder_attention_mask,
+            )?
+            .to_dtype(cdt)?;
+        let x_coef = tau4.affine(-2.0, 1.0)?;
+        let v_coef = tau4.sqr()?.affine(2.0, 0.0)?.add(&x_coef)?;
+        Ok(x_coef.mul(&x_in)?.add(&v_coef.mul(&v)?)?.div(&rho4)?)
+    }
+
+    /// logvar (B, 1) in f32 (f64 for an f64 model): `logvar_linear` on the time embedding `temb` of the TrigFlow time t itself (not τ),
+    /// with guidance when given — as the diffusers script does (SPEC §8.4 step 6, §8.14 #9).
+    pub fn logvar(&self, t: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
+        let head = self.logvar_linear.as_ref().ok_or_else(|| {
+            crate::Error::Arg(
+                "this TrigFlow model has no logvar head (load it with SanaTrigFlow::with_logvar)"
+                    .into(),
+            )
+        })?;
+        let (_, temb) = self
+            .transformer
+            .time_embed(&Dual::constant(t.clone()), guidance)?;
+        Ok(head
+            .forward(&temb)?
+            .primal
+            .to_dtype(compute_dtype(temb.dtype()))?)
+    }
+
+    /// The outputs (B, N, D) of the backbone blocks at `taps` (in the order of `taps`) for the wrapped input
+    /// (τ conversion and input scaling as in `forward`); stops after the last tapped block.
+    pub fn block_outputs(
+        &self,
+        x: &Tensor,
+        encoder_hidden_states: &Tensor,
+        t: &Tensor,
+        guidance: Option<&Tensor>,
+        encoder_attention_mask: Option<&Tensor>,
+        taps: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        let b = x.dim(0)?;
+        let (tau, rho) = flow_time(&Dual::constant(t.clone()))?;
+        let cdt = compute_dtype(x.dtype());
+        let rho = rho.primal.reshape((b, 1, 1, 1))?.to_dtype(cdt)?;
+        let x_in = x.to_dtype(cdt)?.broadcast_mul(&rho)?;
+        let features = self.transformer.block_outputs(
+            &Dual::constant(x_in),
+            encoder_hidden_states,
+            &tau,
+            guidance,
+            encoder_attention_mask,
+            taps,
+        )?;
+        Ok(features.into_iter().map(|f| f.primal).collect())
+    }
+}
