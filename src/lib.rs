@@ -9,5 +9,6 @@ pub mod nn; // ops candle lacks
 pub mod prep; // parquet shards -> decode -> encode -> latent store
 pub mod store; // the Lance latent store (STORE.md)
 pub mod text; // prompt encoding as SanaPipeline.encode_prompt
+pub mod train; // distillation losses (loop to come)
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Neural networks, one file per model, loaded from diffusers/transformers checkpoints by their real key names.
 
 pub mod dcae; // AutoencoderDC encoder + decoder
+pub mod discriminator; // LADD heads on the frozen teacher
 pub mod gemma2; // Gemma-2 text encoder with padding mask
 pub mod sana; // SanaTransformer2DModel (teacher and student)
 pub mod trigflow; // TrigFlow wrapper + logvar head

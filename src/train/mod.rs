@@ -1,0 +1,4 @@
+//! SANA-Sprint distillation: losses (and, to come, the loop, optimiser, checkpoints).
+
+pub mod loader; // shuffled, prefetched batches from the latent store
+pub mod loss; // sCM loss, tangent normalisation, hinge loss, timestep sampling
