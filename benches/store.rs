@@ -1,11 +1,16 @@
 //! Store economy: bytes per sample and read speed of the latent store under candidate Lance encodings, on
 //! samples shaped like the real 1024 px data (latent 32×32×32 f32, prompt 300×2304 f16 from bf16 values).
 //!
-//! `cargo bench --profile dev --bench store [-- ROWS]` (default 64 rows). Prints a table; never fails on speed.
+//! Then the trainer's loader on the default encoding: shuffled samples/s against the sequential read rate of
+//! the same files measured in the same run.
+//!
+//! `cargo bench --profile dev --bench store [-- ROWS]` (default 64 rows). Prints tables; never fails on speed.
 //! The latents are smooth fields plus noise (like VAE latents, unlike white noise); the embeddings are Gaussian
 //! values rounded to bf16 first, as Gemma in bf16 produces them.
 
 use std::time::Instant;
+
+use sana_sprint::train::loader::{LoaderOptions, LoaderPosition, StoreLoader};
 
 use sana_sprint::store::{
     FloatEncoding, LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo,
@@ -141,6 +146,7 @@ fn main() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bench.lance");
+        let is_default = encoding == FloatEncoding::default() && latent == StoreDType::Float32;
         let t = Instant::now();
         let mut w = StoreWriter::open(
             &path,
@@ -162,6 +168,55 @@ fn main() {
         println!(
             "{name:<34} {bytes:>12.0} {:>8.3}x {write_s:>12.2} {read:>12.1}",
             bytes / raw_f16
+        );
+        if is_default {
+            loader_throughput(&path, n);
+        }
+    }
+}
+
+fn read_files(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        total += if p.is_dir() {
+            read_files(&p)
+        } else {
+            std::fs::read(&p).unwrap().len() as u64
+        };
+    }
+    total
+}
+
+/// Samples/s of the shuffled, prefetched loader vs the sequential read rate of the store's files.
+fn loader_throughput(path: &std::path::Path, n: usize) {
+    let t = Instant::now();
+    let bytes = read_files(path);
+    let seq = bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let per_sample = bytes as f64 / n as f64;
+    println!(
+        "  sequential read of the store files: {seq:.0} MB/s ({:.0} samples/s equivalent)",
+        seq * 1e6 / per_sample
+    );
+    for batch_size in [1usize, 4] {
+        let opts = LoaderOptions {
+            batch_size,
+            seed: 1,
+            drop_last: true,
+            prefetch: 4,
+            sigma_data: 0.5,
+        };
+        let mut loader = StoreLoader::start(path, &opts, LoaderPosition::default()).unwrap();
+        let batches = 2 * loader.batches_per_epoch() as usize;
+        let t = Instant::now();
+        for _ in 0..batches {
+            loader.next_batch().unwrap();
+        }
+        let sps = (batches * batch_size) as f64 / t.elapsed().as_secs_f64();
+        println!(
+            "  loader, shuffled, batch {batch_size}: {sps:.1} samples/s = {:.0} MB/s of store ({:.0}% of sequential)",
+            sps * per_sample / 1e6,
+            100.0 * sps * per_sample / 1e6 / seq
         );
     }
 }

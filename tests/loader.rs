@@ -166,6 +166,60 @@ fn epochs_cover_every_row_once_and_shuffle_reproducibly() {
     assert_eq!(epoch_permutation(10, 1, 0), epoch_permutation(10, 1, 0));
 }
 
+/// Rows big enough to span several Lance mini-block chunks, read in multi-row batches (lance#8558 territory):
+/// every value must come back exactly.
+#[test]
+fn large_rows_come_back_exactly_in_multi_row_batches() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("big.lance");
+    let mut cfg = config();
+    cfg.latent_shape = [8, 32, 32];
+    cfg.max_sequence_length = 300;
+    cfg.text_hidden_size = 64;
+    let big = |i: usize| LatentRow {
+        id: format!("big.parquet#{i}"),
+        caption: format!("c{i}"),
+        latent: (0..8 * 32 * 32)
+            .map(|k| ((i * 7919 + k) % 1000) as f32 * 0.5)
+            .collect(),
+        latent_shape: [8, 32, 32],
+        prompt_embeds: (0..(100 + i) * 64)
+            .map(|k| ((i + k) % 2048) as f32)
+            .collect(),
+        prompt_len: (100 + i) as i32,
+    };
+    let mut w = StoreWriter::open(
+        &path,
+        cfg,
+        OpenMode::CreateOrAppend,
+        FloatEncoding::default(),
+    )
+    .unwrap();
+    for i in 0..6 {
+        w.push(big(i));
+    }
+    w.commit().unwrap();
+    let mut loader =
+        StoreLoader::start(&path, &opts(3, 5, true), LoaderPosition::default()).unwrap();
+    for _ in 0..2 {
+        let b = loader.next_batch().unwrap();
+        for (k, id) in b.ids.iter().enumerate() {
+            let want = big(index_of(id));
+            let n = 8 * 32 * 32;
+            let scale = 0.41407f32 * 0.5;
+            assert!(b.x0[k * n..(k + 1) * n]
+                .iter()
+                .zip(&want.latent)
+                .all(|(a, w)| *a == w * scale));
+            let len = want.prompt_len as usize;
+            assert_eq!(
+                &b.prompt_embeds[k * 300 * 64..k * 300 * 64 + len * 64],
+                &want.prompt_embeds[..]
+            );
+        }
+    }
+}
+
 #[test]
 fn unknown_format_version_is_refused() {
     let d = tempfile::tempdir().unwrap();

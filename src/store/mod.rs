@@ -557,10 +557,22 @@ impl LatentStore {
     }
 
     /// The rows at the given offsets, in the order given.
+    ///
+    /// One Lance `take` per row, run concurrently: a multi-row take over list columns whose rows span several
+    /// mini-block chunks (every real-size row does) trips an assertion in lance-encoding 14
+    /// (lance-format/lance#8558).
     pub fn take(&self, offsets: &[u64]) -> Result<Vec<LatentRow>> {
-        let schema = self.dataset.schema().clone();
-        let batch = self.rt.block_on(self.dataset.take(offsets, schema))?;
-        rows_from_batch(&self.path, &batch)
+        let schema = Arc::new(self.dataset.schema().clone());
+        let batches = self.rt.block_on(futures::future::try_join_all(
+            offsets
+                .iter()
+                .map(|o| self.dataset.take(std::slice::from_ref(o), schema.clone())),
+        ))?;
+        let mut rows = Vec::with_capacity(offsets.len());
+        for b in &batches {
+            rows.extend(rows_from_batch(&self.path, b)?);
+        }
+        Ok(rows)
     }
 
     /// Total bytes of the store's files on disk.
