@@ -554,11 +554,12 @@ fn inspect_and_demo_cli() {
     );
     let text = String::from_utf8_lossy(&insp.stdout);
     for key in [
-        "\"rows\"",
-        "bytes_per_sample",
-        "raw_f16_bytes_per_sample",
-        "fingerprint",
-        "bad rows",
+        "rows             24",
+        "bytes/sample",
+        "raw f16",
+        "vae              sha256:",
+        "instruction: 8 lines",
+        "bad rows         0 in the last run",
     ] {
         assert!(text.contains(key), "inspect output lacks {key}: {text}");
     }

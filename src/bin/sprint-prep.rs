@@ -139,18 +139,71 @@ fn options(a: Args) -> PrepOptions {
 
 fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
     let st = store::LatentStore::open(path)?;
-    let summary = store::describe(&st)?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    let s = store::describe(&st)?;
+    let c = st.config();
+    let get = |k: &str| {
+        s.get(k)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("store            {}", path.display());
+    println!("rows             {}", get("rows"));
+    println!(
+        "lance            version {}, {} fragment(s), {} bytes on disk",
+        get("lance_version"),
+        get("fragments"),
+        get("disk_bytes")
+    );
+    println!(
+        "bytes/sample     {} (raw f16: {}, ratio {})",
+        get("bytes_per_sample"),
+        get("raw_f16_bytes_per_sample"),
+        get("ratio_to_raw_f16")
+    );
+    println!(
+        "resolution       {} -> latent {:?} ({}), vae_scaling_factor {}",
+        c.resolution,
+        c.latent_shape,
+        c.latent_dtype.name(),
+        c.vae_scaling_factor
+    );
+    println!(
+        "prompts          max_sequence_length {}, D {}, {} (mean prompt_len {}), instruction: {}",
+        c.max_sequence_length,
+        c.text_hidden_size,
+        c.embed_dtype.name(),
+        get("mean_prompt_len"),
+        c.complex_human_instruction
+            .as_ref()
+            .map(|l| format!("{} lines", l.len()))
+            .unwrap_or_else(|| "none".into())
+    );
+    println!("negative prompt  {} token(s)", c.negative_prompt_len);
+    println!(
+        "preprocess       mixed_precision {}; {}; {}",
+        c.preprocess.mixed_precision, c.preprocess.resize, c.preprocess.crop
+    );
+    for (name, m) in [
+        ("vae", &c.models.vae),
+        ("text_encoder", &c.models.text_encoder),
+        ("tokenizer", &c.models.tokenizer),
+    ] {
+        println!("{name:<16} {} {}", m.fingerprint, m.origin);
+    }
+    println!(
+        "format_version   {}, written by {}",
+        c.format_version, c.writer
+    );
     let report_path = report
         .map(Path::to_path_buf)
         .unwrap_or_else(|| prep::default_report_path(path));
     match prep::report::PrepReport::read(&report_path) {
         Ok(r) => {
-            println!("last run report ({}):", report_path.display());
             println!(
-                "  bad rows: {} {:?}",
+                "bad rows         {} in the last run {:?} ({})",
                 r.bad_rows.len(),
-                r.bad_rows_by_reason
+                r.bad_rows_by_reason,
+                report_path.display()
             );
             for b in &r.bad_rows {
                 println!(
@@ -165,7 +218,10 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
                 );
             }
         }
-        Err(_) => println!("no run report at {}", report_path.display()),
+        Err(_) => println!(
+            "bad rows         no run report at {}",
+            report_path.display()
+        ),
     }
     Ok(())
 }
