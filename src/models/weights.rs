@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 pub struct Weights {
     files: Vec<PathBuf>,
     mmaps: Vec<memmap2::Mmap>,
+    /// Per file: where the data starts and each tensor's dtype/shape/offsets (the header is parsed once).
+    headers: Vec<(usize, HashMap<String, safetensors::tensor::TensorInfo>)>,
     /// canonical key -> (file index, stored key)
     index: HashMap<String, (usize, String)>,
 }
@@ -88,25 +90,36 @@ impl Weights {
 
     pub fn from_files(files: &[PathBuf]) -> Result<Self> {
         let mut mmaps = Vec::with_capacity(files.len());
+        let mut headers = Vec::with_capacity(files.len());
         let mut index = HashMap::new();
         for (i, path) in files.iter().enumerate() {
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the file is opened read-only; a concurrent writer would be a user error we cannot prevent.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+            let bad = |e: &dyn std::fmt::Display| {
                 Error::model(
                     path,
                     format!("not a valid safetensors file ({e}); the file may be truncated or corrupt — download it again"),
                 )
-            })?;
-            for name in st.names() {
-                index.insert(name.to_string(), (i, name.to_string()));
+            };
+            // Full validation once (offsets within the file, no overlaps), then keep only the parsed header.
+            safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(&e))?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(&e))?;
+            let infos: HashMap<String, safetensors::tensor::TensorInfo> = meta
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| (k, v.clone()))
+                .collect();
+            for name in infos.keys() {
+                index.insert(name.clone(), (i, name.clone()));
             }
+            headers.push((8 + n, infos));
             mmaps.push(mmap);
         }
         Ok(Self {
             files: files.to_vec(),
             mmaps,
+            headers,
             index,
         })
     }
@@ -139,12 +152,7 @@ impl Weights {
     /// The stored shape of a tensor, without loading it.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         let (i, key) = self.locate(name)?;
-        let st = safetensors::SafeTensors::deserialize(&self.mmaps[i])
-            .map_err(|e| Error::model(&self.files[i], e.to_string()))?;
-        let view = st
-            .tensor(key)
-            .map_err(|e| Error::model(&self.files[i], format!("{name}: {e}")))?;
-        Ok(view.shape().to_vec())
+        Ok(self.headers[i].1[key].shape.clone())
     }
 
     fn locate(&self, name: &str) -> Result<(usize, &str)> {
@@ -163,11 +171,15 @@ impl Weights {
     /// Loads a tensor by name, converted to `dtype` on `device`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let (i, key) = self.locate(name)?;
-        let st = safetensors::SafeTensors::deserialize(&self.mmaps[i])
-            .map_err(|e| Error::model(&self.files[i], e.to_string()))?;
-        let view = st
-            .tensor(key)
-            .map_err(|e| Error::model(&self.files[i], format!("{name}: {e}")))?;
+        let (start, infos) = &self.headers[i];
+        let info = &infos[key];
+        let (a, b) = info.data_offsets;
+        let view = safetensors::tensor::TensorView::new(
+            info.dtype,
+            info.shape.clone(),
+            &self.mmaps[i][start + a..start + b],
+        )
+        .map_err(|e| Error::model(&self.files[i], format!("{name}: {e}")))?;
         let t = candle_core::safetensors::Load::load(&view, device)
             .map_err(|e| Error::model(&self.files[i], format!("{name}: {e}")))?;
         Ok(t.to_dtype(dtype)?)
