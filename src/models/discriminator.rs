@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
+use crate::nn::rng::InitRng;
 use crate::{Error, Result};
 
 /// Teacher blocks tapped by the heads, in head order (`--head_block_ids` default, 0-based).
@@ -45,41 +46,6 @@ fn normalize(x: &Tensor) -> Result<Tensor> {
 /// LeakyReLU(0.2) from relu, which has a backward pass.
 fn leaky_relu(x: &Tensor) -> Result<Tensor> {
     Ok((x.relu()? - x.neg()?.relu()?.affine(LEAKY_RELU_SLOPE, 0.0)?)?)
-}
-
-/// Seeded generator for the fresh initialisation (candle's CPU generator cannot be seeded): SplitMix64 for
-/// uniforms, Box–Muller for normals.
-struct InitRng(u64);
-
-impl InitRng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| ((2.0 * self.unit() - 1.0) * bound) as f32)
-            .collect()
-    }
-
-    fn normal(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let u1 = 1.0 - self.unit();
-                let u2 = self.unit();
-                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-            })
-            .collect()
-    }
 }
 
 /// Conv1d (stride 1, padding k//2, circular) whose weight is `weight_orig / σ`, with σ from
@@ -408,7 +374,7 @@ impl DiscHeads {
     /// forward (SPEC §8.14 #14).
     pub fn new(block_ids: &[usize], channels: usize, seed: u64, device: &Device) -> Result<Self> {
         check_block_ids(block_ids)?;
-        let mut rng = InitRng(seed);
+        let mut rng = InitRng::new(seed);
         let heads = block_ids
             .iter()
             .map(|_| DiscHead::init(&mut rng, channels, device))

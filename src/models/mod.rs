@@ -4,5 +4,6 @@ pub mod dcae; // AutoencoderDC encoder + decoder
 pub mod discriminator; // LADD heads on the frozen teacher
 pub mod gemma2; // Gemma-2 text encoder with padding mask
 pub mod sana; // SanaTransformer2DModel (teacher and student)
+pub mod student; // trainable student (Vars) initialised from the teacher
 pub mod trigflow; // TrigFlow wrapper + logvar head
 pub mod weights; // safetensors (single/sharded) -> VarBuilder
