@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer};
 use crate::models::weights::Weights;
 use crate::nn::conv::{
     channel_group_mean, conv2d, depthwise_conv2d, grouped_conv1x1, pixel_shuffle, pixel_unshuffle,
-    pointwise_conv, repeat_interleave_channels, rms_norm_channels,
+    pixel_unshuffle_group_mean, pointwise_conv, repeat_interleave_channels, rms_norm_channels,
 };
 
 /// Every DC-AE norm (RMSNorm and BatchNorm2d) uses this epsilon.
@@ -741,7 +741,7 @@ impl Module for DownBlock {
             main
         };
         match self.shortcut_group {
-            Some(group) => main + channel_group_mean(&pixel_unshuffle(x, 2)?, group)?,
+            Some(group) => main + pixel_unshuffle_group_mean(x, group)?,
             None => Ok(main),
         }
     }

@@ -4,7 +4,7 @@
 //! All tensors are NCHW. Channel-mixing 1x1 convolutions are plain matmuls over the `(C, H·W)` view, so no
 //! layout permutes are needed anywhere.
 
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Zero-pads the two spatial axes of a `(B, C, H, W)` tensor.
@@ -217,33 +217,52 @@ pub fn conv2d(
     let col_offset = |kx: usize| (shift(kx) + left as isize) as usize;
     let window = rows * cols - (0..kw).map(col_offset).max().unwrap_or(0);
 
-    let mut phases: Vec<Option<Tensor>> = vec![None; stride * stride];
-    let mut phase_image = |a: usize, b_: usize| -> Result<Tensor> {
-        if let Some(t) = &phases[a * stride + b_] {
-            return Ok(t.clone());
-        }
-        let image = if stride == 1 {
-            x.clone()
-        } else {
-            x.reshape((b, c, phase_h, stride, phase_w, stride))?
-                .narrow(3, a, 1)?
-                .narrow(5, b_, 1)?
-                .squeeze(5)?
-                .squeeze(3)?
-        };
-        let flat = pad2d(&image, top, bottom, left, right)?.reshape((b, c, rows * cols))?;
-        phases[a * stride + b_] = Some(flat.clone());
-        Ok(flat)
-    };
     // Per row phase: the kx windows stacked on the channel axis, rows ordered (kx, c).
     let mut stacks: Vec<Option<Tensor>> = vec![None; stride];
-    for ky in 0..kh {
-        let a = phase(ky);
-        if stacks[a].is_none() {
-            let windows = (0..kw)
-                .map(|kx| phase_image(a, phase(kx))?.narrow(2, col_offset(kx), window))
-                .collect::<Result<Vec<_>>>()?;
-            stacks[a] = Some(Tensor::cat(&windows, 1)?);
+    if x.device().is_cpu() && !x.track_op() {
+        // One parallel pass instead of pads and concatenations (no backward, hence untracked inputs only).
+        let x = x.contiguous()?;
+        for ky in 0..kh {
+            let a = phase(ky);
+            if stacks[a].is_none() {
+                let op = ShiftedWindows {
+                    stride,
+                    blocks: (0..kw).map(|kx| (a, phase(kx), col_offset(kx))).collect(),
+                    top,
+                    left,
+                    cols,
+                    window,
+                };
+                stacks[a] = Some(x.apply_op1_no_bwd(&op)?);
+            }
+        }
+    } else {
+        let mut phases: Vec<Option<Tensor>> = vec![None; stride * stride];
+        let mut phase_image = |a: usize, b_: usize| -> Result<Tensor> {
+            if let Some(t) = &phases[a * stride + b_] {
+                return Ok(t.clone());
+            }
+            let image = if stride == 1 {
+                x.clone()
+            } else {
+                x.reshape((b, c, phase_h, stride, phase_w, stride))?
+                    .narrow(3, a, 1)?
+                    .narrow(5, b_, 1)?
+                    .squeeze(5)?
+                    .squeeze(3)?
+            };
+            let flat = pad2d(&image, top, bottom, left, right)?.reshape((b, c, rows * cols))?;
+            phases[a * stride + b_] = Some(flat.clone());
+            Ok(flat)
+        };
+        for ky in 0..kh {
+            let a = phase(ky);
+            if stacks[a].is_none() {
+                let windows = (0..kw)
+                    .map(|kx| phase_image(a, phase(kx))?.narrow(2, col_offset(kx), window))
+                    .collect::<Result<Vec<_>>>()?;
+                stacks[a] = Some(Tensor::cat(&windows, 1)?);
+            }
         }
     }
     // (O, C, kh, kw) -> (O, kh, kw·C), matching the (kx, c) row order.
@@ -273,6 +292,86 @@ pub fn conv2d(
     match bias {
         Some(bias) => out.broadcast_add(&bias.reshape((1, o, 1, 1))?),
         None => out.contiguous(),
+    }
+}
+
+/// The stacked windows of [`conv2d`] gathered in one parallel pass on the CPU: block k of the output holds,
+/// for every channel, `window` consecutive elements from flat offset `start` of the phase image (a, b)
+/// zero-padded to `cols` columns (`top` rows and `left` columns before the data, zeros after).
+/// Output (B, blocks·C, window); input (B, C, H, W) contiguous.
+struct ShiftedWindows {
+    stride: usize,
+    /// (row phase a, column phase b, flat start) of each block.
+    blocks: Vec<(usize, usize, usize)>,
+    top: usize,
+    left: usize,
+    cols: usize,
+    window: usize,
+}
+
+impl ShiftedWindows {
+    fn gather<T: Copy + Default + Send + Sync>(
+        &self,
+        x: &[T],
+        dims: (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let (b, c, h, w) = dims;
+        let (s, window, cols) = (self.stride, self.window, self.cols);
+        let (phase_h, phase_w) = (h / s, w / s);
+        let mut out = vec![T::default(); b * self.blocks.len() * c * window];
+        out.par_chunks_mut(window)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let channel = row % c;
+                let (a, phase_b, start) = self.blocks[(row / c) % self.blocks.len()];
+                let plane = &x[(row / (c * self.blocks.len()) * c + channel) * h * w..][..h * w];
+                let mut n = 0;
+                while n < window {
+                    let (r, q) = ((start + n) / cols, (start + n) % cols);
+                    let run = (cols - q).min(window - n);
+                    if r >= self.top && r - self.top < phase_h {
+                        let src_row = &plane[(s * (r - self.top) + a) * w..][..w];
+                        let (lo, hi) = (q.max(self.left), (q + run).min(self.left + phase_w));
+                        if lo < hi {
+                            let dst = &mut dst[n + lo - q..n + hi - q];
+                            if s == 1 {
+                                dst.copy_from_slice(&src_row[lo - self.left..hi - self.left]);
+                            } else {
+                                for (d, j) in dst.iter_mut().zip(lo - self.left..) {
+                                    *d = src_row[s * j + phase_b];
+                                }
+                            }
+                        }
+                    }
+                    n += run;
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for ShiftedWindows {
+    fn name(&self) -> &'static str {
+        "shifted-windows"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("shifted-windows: the input must be contiguous")
+        };
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.gather(&v[start..end], dims)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.gather(&v[start..end], dims)),
+            CpuStorage::F16(v) => CpuStorage::F16(self.gather(&v[start..end], dims)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.gather(&v[start..end], dims)),
+            other => bail!(
+                "shifted-windows: unsupported dtype {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        let (b, c, _, _) = dims;
+        Ok((out, Shape::from((b, self.blocks.len() * c, self.window))))
     }
 }
 
@@ -318,6 +417,25 @@ pub fn channel_group_mean(x: &Tensor, group: usize) -> Result<Tensor> {
         sum = (sum + grouped.narrow(2, j, 1)?)?;
     }
     (sum * (1.0 / group as f64))?.reshape((b, c / group, h, w))
+}
+
+/// `channel_group_mean(pixel_unshuffle(x, 2), group)` without materialising the unshuffled tensor when
+/// possible: groups of 2 unshuffled channels are horizontal pixel pairs of one input channel, groups of 4k
+/// are 2x2 blocks of k input channels.
+pub fn pixel_unshuffle_group_mean(x: &Tensor, group: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        bail!("pixel_unshuffle_group_mean: spatial size {h}x{w} is not divisible by 2")
+    }
+    match group {
+        2 => x
+            .avg_pool2d_with_stride((1, 2), (1, 2))?
+            .reshape((b, c, h / 2, 2, w / 2))?
+            .permute((0, 1, 3, 2, 4))?
+            .reshape((b, 2 * c, h / 2, w / 2)),
+        g if g % 4 == 0 => channel_group_mean(&x.avg_pool2d(2)?, g / 4),
+        g => channel_group_mean(&pixel_unshuffle(x, 2)?, g),
+    }
 }
 
 /// PyTorch `repeat_interleave(r, dim=1)`: channel k of the output is input channel ⌊k / r⌋.
@@ -414,6 +532,10 @@ mod tests {
             assert!(max_abs_diff(&ours, &reference) < 1e-4);
             let no_bias = conv2d(&x, &weight, None, pad, stride)?;
             assert!(max_abs_diff(&no_bias, &x.conv2d(&weight, pad, stride, 1, 1)?) < 1e-4);
+            // A tracked input takes the composed (differentiable, any-device) path.
+            let var = candle_core::Var::from_tensor(&x)?;
+            let composed = conv2d(var.as_tensor(), &weight, Some(&bias), pad, stride)?;
+            assert!(max_abs_diff(&composed, &reference) < 1e-4);
         }
         Ok(())
     }
@@ -467,6 +589,13 @@ mod tests {
         let mean = channel_group_mean(&x, 3)?;
         let reference = x.reshape((2, 2, 3, 3, 2))?.mean(2)?;
         assert!(max_abs_diff(&mean, &reference) < 1e-6);
+        let image = Tensor::randn(0f32, 1., (2, 4, 6, 8), &dev)?;
+        for group in [1, 2, 4, 8, 16] {
+            let fused = pixel_unshuffle_group_mean(&image, group)?;
+            let reference = channel_group_mean(&pixel_unshuffle(&image, 2)?, group)?;
+            assert_eq!(fused.dims(), reference.dims());
+            assert!(max_abs_diff(&fused, &reference) < 1e-6, "group {group}");
+        }
         let rep = repeat_interleave_channels(&x, 2)?;
         assert_eq!(rep.dims(), &[2, 12, 3, 2]);
         assert_eq!(max_abs_diff(&rep.i((.., 5))?, &x.i((.., 2))?), 0.0);
