@@ -8,6 +8,8 @@ forward + backward (parameter gradients). Prints figures only.
 
 Pinned versions: torch 2.15.0, diffusers 0.42.1 (the /work/venv reference environment).
 Run: /work/venv/bin/python tools/golden/bench_sana_block.py [ITERS] [THREADS]
+Peak memory: tools/golden/bench_sana_block.py --peak {forward,jvp,backward} runs that one pass once in this
+process and prints the peak resident memory above the set-up (ru_maxrss), like the Rust bench's figures.
 (THREADS defaults to torch's default; use the thread count the Rust bench prints for a like-for-like figure.)
 """
 import math
@@ -51,6 +53,9 @@ def bench(label, iters, fn):
 
 
 def main():
+    peak = sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--peak" else None
+    if peak:
+        sys.argv = sys.argv[:1]
     iters = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     if len(sys.argv) > 2:
         torch.set_num_threads(int(sys.argv[2]))
@@ -71,6 +76,23 @@ def main():
 
     def run(xx, tt):
         return block(xx, None, y, bias, tt, GRID, GRID)
+
+    if peak:
+        import resource
+
+        block.attn2.set_processor(ExplicitSoftmaxAttn())
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if peak == "forward":
+            with torch.no_grad():
+                run(x, tmod)
+        elif peak == "jvp":
+            with torch.no_grad():
+                torch.func.jvp(run, (x, tmod), (x_dot, tmod_dot))
+        else:
+            run(x, tmod).square().sum().backward()
+        top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"peak {peak}: +{(top - base) / 1024:.0f} MiB above set-up ({base / 1024:.0f} MiB)")
+        return
 
     with torch.no_grad():
         fwd = bench("forward", iters, lambda: run(x, tmod))
