@@ -203,8 +203,11 @@ const SANA_VAE_CONFIG: &str = r#"{
 
 /// A VarBuilder backend that records every requested (name, shape) and hands out zero-stride tensors, so
 /// that the real-size model is built by its normal constructor without allocating its weights.
+/// (parameter name, shape) in request order.
+type Requests = Vec<(String, Vec<usize>)>;
+
 #[derive(Clone, Default)]
-struct ShapeRecorder(Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+struct ShapeRecorder(Arc<Mutex<Requests>>);
 
 impl SimpleBackend for ShapeRecorder {
     fn get(

@@ -318,7 +318,8 @@ impl DcaeConfig {
             &vec![NormType::RmsNorm; n],
             &vec![Activation::Silu; n],
         )?;
-        if self.encoder_out_shortcut && stages[n - 1].channels % self.latent_channels != 0 {
+        if self.encoder_out_shortcut && !stages[n - 1].channels.is_multiple_of(self.latent_channels)
+        {
             return Err(format!(
                 "encoder_out_shortcut needs the last stage width {} to be a multiple of latent_channels {}",
                 stages[n - 1].channels,
@@ -342,7 +343,8 @@ impl DcaeConfig {
             &norms,
             &acts,
         )?;
-        if self.decoder_in_shortcut && stages[n - 1].channels % self.latent_channels != 0 {
+        if self.decoder_in_shortcut && !stages[n - 1].channels.is_multiple_of(self.latent_channels)
+        {
             return Err(format!(
                 "decoder_in_shortcut needs the last stage width {} to be a multiple of latent_channels {}",
                 stages[n - 1].channels,
@@ -395,28 +397,20 @@ impl DcaeConfig {
                         channels[i], self.attention_head_dim
                     ));
                 }
-                if let Some(k) = multiscales[i].iter().find(|k| *k % 2 == 0) {
+                if let Some(k) = multiscales[i].iter().find(|k| k.is_multiple_of(2)) {
                     return Err(format!(
                         "{side} stage {i}: qkv multiscale kernel {k} must be odd"
                     ));
                 }
             }
-            if i + 1 < n && (channels[i] * 4) % channels[i + 1] != 0 {
+            // Resampling between stages i and i + 1 averages (or repeats) groups of 4·C_i / C_(i+1) channels.
+            if i + 1 < n && layers[i] > 0 && !(channels[i] * 4).is_multiple_of(channels[i + 1]) {
                 return Err(format!(
-                    "{side}: resampling {} <-> {} channels needs 4·{} to be a multiple of {}",
+                    "{side}: resampling between stages of {} and {} channels needs 4·{} to be a multiple of {}",
                     channels[i],
                     channels[i + 1],
                     channels[i],
                     channels[i + 1]
-                ));
-            }
-            if i + 1 < n && (channels[i + 1] * 4) % channels[i] != 0 {
-                return Err(format!(
-                    "{side}: resampling {} <-> {} channels needs 4·{} to be a multiple of {}",
-                    channels[i + 1],
-                    channels[i],
-                    channels[i + 1],
-                    channels[i]
                 ));
             }
         }
@@ -715,7 +709,7 @@ impl DownBlock {
     ) -> Result<Self> {
         let unshuffle = kind == DownsampleType::PixelUnshuffle;
         let conv = if unshuffle {
-            if out_ch % 4 != 0 {
+            if !out_ch.is_multiple_of(4) {
                 return Err(config_error(format!(
                     "pixel_unshuffle downsampling to {out_ch} channels needs a multiple of 4"
                 )));
@@ -905,7 +899,7 @@ impl DcaeEncoder {
         })
     }
 
-    /// Loads only the encoder of a diffusers `vae/` folder (half the memory of the full autoencoder).
+    /// Loads only the encoder of a diffusers `vae/` folder (about half the memory of the full autoencoder).
     pub fn load(vae_dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
         let (cfg, vb) = open_vae_folder(vae_dir, dtype, device)?;
         Ok(Self::new(&cfg, vb.pp("encoder"))?)
@@ -920,7 +914,11 @@ impl DcaeEncoder {
                 self.in_channels
             )
         }
-        if h % self.compression != 0 || w % self.compression != 0 || h == 0 || w == 0 {
+        if !h.is_multiple_of(self.compression)
+            || !w.is_multiple_of(self.compression)
+            || h == 0
+            || w == 0
+        {
             bail!(
                 "DC-AE encode: image size {h}x{w} must be a positive multiple of the spatial compression {}",
                 self.compression

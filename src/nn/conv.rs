@@ -1,10 +1,11 @@
-//! Convolution-like ops that candle lacks or runs slowly (SPEC §10), composed from tensor ops (pads, views,
-//! matmuls, element-wise maths) so that they have a backward pass and run on every device.
+//! Convolution-like ops that candle lacks or runs slowly (SPEC §10). They are composed from tensor ops
+//! (pads, views, matmuls, element-wise maths), so they have a backward pass and run on every device; the
+//! one exception, the CPU gather behind [`conv2d`], only serves inputs that need no gradient.
 //!
 //! All tensors are NCHW. Channel-mixing 1x1 convolutions are plain matmuls over the `(C, H·W)` view, so no
 //! layout permutes are needed anywhere.
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Zero-pads the two spatial axes of a `(B, C, H, W)` tensor.
@@ -140,7 +141,12 @@ pub fn pointwise_conv(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
 pub fn grouped_conv1x1(x: &Tensor, weight: &Tensor, groups: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, in_per_group, kh, kw) = weight.dims4()?;
-    if kh != 1 || kw != 1 || c % groups != 0 || o % groups != 0 || in_per_group * groups != c {
+    if kh != 1
+        || kw != 1
+        || !c.is_multiple_of(groups)
+        || !o.is_multiple_of(groups)
+        || in_per_group * groups != c
+    {
         bail!(
             "grouped_conv1x1: weight {:?} with {groups} groups does not fit {c} input channels",
             weight.dims()
@@ -161,14 +167,20 @@ pub fn grouped_conv1x1(x: &Tensor, weight: &Tensor, groups: usize) -> Result<Ten
     weight.matmul(&x)?.reshape((b, o, h, w))
 }
 
+/// Elements of one band of stacked windows in the CPU path of [`conv2d`] (32 MiB in f32): bounds the
+/// memory at any image size and keeps the matmul's operand cache-friendly.
+const CONV_BAND_ELEMS: usize = 8 << 20;
+
 /// 2-D convolution with zero padding, as PyTorch's `Conv2d(groups=1, dilation=1)`. `weight`: (O, C, kh, kw).
 ///
-/// Computed without an im2col buffer. The input is split into its stride² phases (x[s·i + a, s·j + b] for
-/// each (a, b); the input itself for stride 1), each zero-padded and flattened to (C, rows·cols). For every
-/// output pixel, tap (ky, kx) then reads one contiguous window of one phase, so the convolution is a sum of
-/// matmuls over views. The kx taps are stacked into the contraction axis (one copy of kw windows), giving kh
-/// matmuls with K = kw·C. The output is computed on full padded rows and cropped. Spatial sizes that the
-/// stride does not divide fall back to candle's `conv2d`.
+/// On the CPU, for inputs that need no gradient, computed without a full im2col buffer: the input is split
+/// into its stride² phases (x[s·i + a, s·j + b] for each (a, b); the input itself for stride 1), each
+/// seen zero-padded and flattened to (C, rows·cols). For every output pixel, tap (ky, kx) then reads one
+/// contiguous window of one phase, so the convolution is a matmul of the (O, kh·kw·C) weight with the
+/// stacked windows. The windows of a band of output rows are gathered in one parallel pass (with a row of
+/// ones carrying the bias) and multiplied band by band; the output is computed on full padded rows and
+/// cropped. Elsewhere (other devices, inputs that need gradients, spatial sizes the stride does not
+/// divide) candle's `conv2d` runs (cuDNN with the `cudnn` feature).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -176,7 +188,7 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
+    let (_, c, h, w) = x.dims4()?;
     let (o, wc, kh, kw) = weight.dims4()?;
     if wc != c {
         bail!(
@@ -190,119 +202,133 @@ pub fn conv2d(
     if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
         return pointwise_conv(x, weight, bias);
     }
-    if h % stride != 0 || w % stride != 0 {
-        let out = x.conv2d(weight, padding, stride, 1, 1)?;
-        return match bias {
-            Some(bias) => out.broadcast_add(&bias.reshape((1, o, 1, 1))?),
-            None => Ok(out),
-        };
+    if x.device().is_cpu() && !x.track_op() && h.is_multiple_of(stride) && w.is_multiple_of(stride)
+    {
+        let geometry = ConvGeometry::new((h, w), (kh, kw), padding, stride);
+        return conv2d_banded(x, weight, bias, &geometry, CONV_BAND_ELEMS);
     }
-    let s = stride as isize;
-    let (out_h, out_w) = (
-        (h + 2 * padding - kh) / stride + 1,
-        (w + 2 * padding - kw) / stride + 1,
-    );
-    // Tap t reads input row s·y + t - padding = s·(y + shift(t)) + phase(t) for output row y.
-    let phase = |t: usize| (t as isize - padding as isize).rem_euclid(s) as usize;
-    let shift = |t: usize| (t as isize - padding as isize).div_euclid(s);
-    let (phase_h, phase_w) = (h / stride, w / stride);
-    let (min_y, max_y) = (shift(0), shift(kh - 1));
-    let (min_x, max_x) = (shift(0), shift(kw - 1));
-    let top = (-min_y).max(0) as usize;
-    let left = (-min_x).max(0) as usize;
-    // One extra zero row at the bottom keeps the last window inside the buffer.
-    let bottom = (out_h as isize + max_y - phase_h as isize).max(0) as usize + 1;
-    let right = (out_w as isize + max_x - phase_w as isize).max(0) as usize;
-    let (rows, cols) = (top + phase_h + bottom, left + phase_w + right);
-    let col_offset = |kx: usize| (shift(kx) + left as isize) as usize;
-    let window = rows * cols - (0..kw).map(col_offset).max().unwrap_or(0);
-
-    // Per row phase: the kx windows stacked on the channel axis, rows ordered (kx, c).
-    let mut stacks: Vec<Option<Tensor>> = vec![None; stride];
-    if x.device().is_cpu() && !x.track_op() {
-        // One parallel pass instead of pads and concatenations (no backward, hence untracked inputs only).
-        let x = x.contiguous()?;
-        for ky in 0..kh {
-            let a = phase(ky);
-            if stacks[a].is_none() {
-                let op = ShiftedWindows {
-                    stride,
-                    blocks: (0..kw).map(|kx| (a, phase(kx), col_offset(kx))).collect(),
-                    top,
-                    left,
-                    cols,
-                    window,
-                };
-                stacks[a] = Some(x.apply_op1_no_bwd(&op)?);
-            }
-        }
-    } else {
-        let mut phases: Vec<Option<Tensor>> = vec![None; stride * stride];
-        let mut phase_image = |a: usize, b_: usize| -> Result<Tensor> {
-            if let Some(t) = &phases[a * stride + b_] {
-                return Ok(t.clone());
-            }
-            let image = if stride == 1 {
-                x.clone()
-            } else {
-                x.reshape((b, c, phase_h, stride, phase_w, stride))?
-                    .narrow(3, a, 1)?
-                    .narrow(5, b_, 1)?
-                    .squeeze(5)?
-                    .squeeze(3)?
-            };
-            let flat = pad2d(&image, top, bottom, left, right)?.reshape((b, c, rows * cols))?;
-            phases[a * stride + b_] = Some(flat.clone());
-            Ok(flat)
-        };
-        for ky in 0..kh {
-            let a = phase(ky);
-            if stacks[a].is_none() {
-                let windows = (0..kw)
-                    .map(|kx| phase_image(a, phase(kx))?.narrow(2, col_offset(kx), window))
-                    .collect::<Result<Vec<_>>>()?;
-                stacks[a] = Some(Tensor::cat(&windows, 1)?);
-            }
-        }
-    }
-    // (O, C, kh, kw) -> (O, kh, kw·C), matching the (kx, c) row order.
-    let weight = weight
-        .permute((0, 2, 3, 1))?
-        .contiguous()?
-        .reshape((o, kh, kw * c))?;
-    let mut acc: Option<Tensor> = None;
-    for ky in 0..kh {
-        let lhs = weight.narrow(1, ky, 1)?.squeeze(1)?.broadcast_left(b)?;
-        let row_offset = (shift(ky) + top as isize) as usize * cols;
-        let rhs = stacks[phase(ky)].as_ref().expect("stacked above").narrow(
-            2,
-            row_offset,
-            out_h * cols,
-        )?;
-        let term = lhs.matmul(&rhs)?;
-        acc = Some(match acc {
-            None => term,
-            Some(acc) => (acc + term)?,
-        });
-    }
-    let out = acc
-        .expect("a kernel has at least one row")
-        .reshape((b, o, out_h, cols))?
-        .narrow(3, 0, out_w)?;
+    let out = x.conv2d(weight, padding, stride, 1, 1)?;
     match bias {
         Some(bias) => out.broadcast_add(&bias.reshape((1, o, 1, 1))?),
-        None => out.contiguous(),
+        None => Ok(out),
     }
 }
 
-/// The stacked windows of [`conv2d`] gathered in one parallel pass on the CPU: block k of the output holds,
-/// for every channel, `window` consecutive elements from flat offset `start` of the phase image (a, b)
-/// zero-padded to `cols` columns (`top` rows and `left` columns before the data, zeros after).
-/// Output (B, blocks·C, window); input (B, C, H, W) contiguous.
+/// Where each tap of a strided, zero-padded convolution reads in the padded, flattened phase images.
+struct ConvGeometry {
+    padding: usize,
+    stride: usize,
+    out: (usize, usize),
+    /// Zero rows / columns before each phase image's data.
+    top: usize,
+    left: usize,
+    /// Padded row length: enough zero columns after the data for every tap of every output column.
+    cols: usize,
+}
+
+impl ConvGeometry {
+    fn new(input: (usize, usize), kernel: (usize, usize), padding: usize, stride: usize) -> Self {
+        let out = (
+            (input.0 + 2 * padding - kernel.0) / stride + 1,
+            (input.1 + 2 * padding - kernel.1) / stride + 1,
+        );
+        let mut g = Self {
+            padding,
+            stride,
+            out,
+            top: 0,
+            left: 0,
+            cols: 0,
+        };
+        g.top = (-g.shift(0)).max(0) as usize;
+        g.left = g.top;
+        let phase_w = input.1 / stride;
+        let right = (out.1 as isize + g.shift(kernel.1 - 1) - phase_w as isize).max(0) as usize;
+        g.cols = g.left + phase_w + right;
+        g
+    }
+
+    /// Tap t reads input row stride·(y + shift(t)) + phase_of(t) for output row y (columns alike).
+    fn shift(&self, t: usize) -> isize {
+        (t as isize - self.padding as isize).div_euclid(self.stride as isize)
+    }
+
+    fn phase_of(&self, t: usize) -> usize {
+        (t as isize - self.padding as isize).rem_euclid(self.stride as isize) as usize
+    }
+
+    /// Flat offset of tap (ky, kx)'s window for output pixel (0, 0).
+    fn tap_offset(&self, ky: usize, kx: usize) -> usize {
+        (self.shift(ky) + self.top as isize) as usize * self.cols
+            + (self.shift(kx) + self.left as isize) as usize
+    }
+}
+
+/// CPU path of [`conv2d`]: per band of at most `band_elems` gathered elements, one parallel gather of all
+/// kh·kw windows and one matmul.
+fn conv2d_banded(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    g: &ConvGeometry,
+    band_elems: usize,
+) -> Result<Tensor> {
+    let (b, _, _, _) = x.dims4()?;
+    let (o, _, kh, kw) = weight.dims4()?;
+    let (out_h, out_w) = g.out;
+    let x = x.contiguous()?;
+    // (O, C, kh, kw) -> (O, kh·kw·C): contraction rows ordered (ky, kx, c), then the bias column.
+    let weight = weight
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .flatten_from(1)?;
+    let weight = match bias {
+        Some(bias) => Tensor::cat(&[&weight, &bias.reshape((o, 1))?], 1)?,
+        None => weight,
+    };
+    let band_rows = (band_elems / (b * weight.dim(1)? * g.cols)).clamp(1, out_h);
+    let weight = weight.broadcast_left(b)?;
+    let bands = (0..out_h)
+        .step_by(band_rows)
+        .map(|first| {
+            let n_rows = band_rows.min(out_h - first);
+            let windows = ShiftedWindows {
+                stride: g.stride,
+                blocks: (0..kh)
+                    .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+                    .map(|(ky, kx)| {
+                        let start = first * g.cols + g.tap_offset(ky, kx);
+                        (g.phase_of(ky), g.phase_of(kx), start)
+                    })
+                    .collect(),
+                ones_row: bias.is_some(),
+                top: g.top,
+                left: g.left,
+                cols: g.cols,
+                window: n_rows * g.cols,
+            };
+            weight
+                .matmul(&x.apply_op1_no_bwd(&windows)?)?
+                .reshape((b, o, n_rows, g.cols))?
+                .narrow(3, 0, out_w)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if bands.len() == 1 {
+        bands[0].contiguous()
+    } else {
+        Tensor::cat(&bands, 2)
+    }
+}
+
+/// The stacked windows of the CPU path of [`conv2d`], gathered in one parallel pass: block k of the output
+/// holds, for every channel, `window` consecutive elements from flat offset `start` of the phase image
+/// (a, b) zero-padded to `cols` columns (`top` rows and `left` columns of zeros before the data, zeros
+/// after); an optional last row of ones carries the bias. Output (B, blocks·C (+1), window).
 struct ShiftedWindows {
     stride: usize,
     /// (row phase a, column phase b, flat start) of each block.
     blocks: Vec<(usize, usize, usize)>,
+    ones_row: bool,
     top: usize,
     left: usize,
     cols: usize,
@@ -310,21 +336,26 @@ struct ShiftedWindows {
 }
 
 impl ShiftedWindows {
-    fn gather<T: Copy + Default + Send + Sync>(
-        &self,
-        x: &[T],
-        dims: (usize, usize, usize, usize),
-    ) -> Vec<T> {
+    fn rows(&self, channels: usize) -> usize {
+        self.blocks.len() * channels + usize::from(self.ones_row)
+    }
+
+    fn gather<T: WithDType>(&self, x: &[T], dims: (usize, usize, usize, usize)) -> Vec<T> {
         let (b, c, h, w) = dims;
         let (s, window, cols) = (self.stride, self.window, self.cols);
         let (phase_h, phase_w) = (h / s, w / s);
-        let mut out = vec![T::default(); b * self.blocks.len() * c * window];
+        let rows = self.rows(c);
+        let mut out = vec![T::zero(); b * rows * window];
         out.par_chunks_mut(window)
             .enumerate()
             .for_each(|(row, dst)| {
-                let channel = row % c;
-                let (a, phase_b, start) = self.blocks[(row / c) % self.blocks.len()];
-                let plane = &x[(row / (c * self.blocks.len()) * c + channel) * h * w..][..h * w];
+                let (item, row) = (row / rows, row % rows);
+                if row == self.blocks.len() * c {
+                    dst.fill(T::one());
+                    return;
+                }
+                let (a, phase_b, start) = self.blocks[row / c];
+                let plane = &x[(item * c + row % c) * h * w..][..h * w];
                 let mut n = 0;
                 while n < window {
                     let (r, q) = ((start + n) / cols, (start + n) % cols);
@@ -371,7 +402,7 @@ impl CustomOp1 for ShiftedWindows {
             ),
         };
         let (b, c, _, _) = dims;
-        Ok((out, Shape::from((b, self.blocks.len() * c, self.window))))
+        Ok((out, Shape::from((b, self.rows(c), self.window))))
     }
 }
 
@@ -379,7 +410,7 @@ impl CustomOp1 for ShiftedWindows {
 /// in[c, h·r + i, w·r + j].
 pub fn pixel_unshuffle(x: &Tensor, r: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    if h % r != 0 || w % r != 0 {
+    if !h.is_multiple_of(r) || !w.is_multiple_of(r) {
         bail!("pixel_unshuffle: spatial size {h}x{w} is not divisible by {r}")
     }
     let (oh, ow) = (h / r, w / r);
@@ -391,7 +422,7 @@ pub fn pixel_unshuffle(x: &Tensor, r: usize) -> Result<Tensor> {
 /// PyTorch `pixel_shuffle`, the inverse of [`pixel_unshuffle`]: (B, C·r², H, W) -> (B, C, H·r, W·r).
 pub fn pixel_shuffle(x: &Tensor, r: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    if c % (r * r) != 0 {
+    if !c.is_multiple_of(r * r) {
         bail!("pixel_shuffle: {c} channels are not divisible by {}", r * r)
     }
     let oc = c / (r * r);
@@ -403,7 +434,7 @@ pub fn pixel_shuffle(x: &Tensor, r: usize) -> Result<Tensor> {
 /// Mean over consecutive groups of `group` channels: out[o] = mean(in[o·g .. o·g + g]).
 pub fn channel_group_mean(x: &Tensor, group: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    if group == 0 || c % group != 0 {
+    if group == 0 || !c.is_multiple_of(group) {
         bail!("channel_group_mean: {c} channels are not divisible into groups of {group}")
     }
     if group == 1 {
@@ -424,7 +455,7 @@ pub fn channel_group_mean(x: &Tensor, group: usize) -> Result<Tensor> {
 /// are 2x2 blocks of k input channels.
 pub fn pixel_unshuffle_group_mean(x: &Tensor, group: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    if h % 2 != 0 || w % 2 != 0 {
+    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         bail!("pixel_unshuffle_group_mean: spatial size {h}x{w} is not divisible by 2")
     }
     match group {
@@ -433,7 +464,7 @@ pub fn pixel_unshuffle_group_mean(x: &Tensor, group: usize) -> Result<Tensor> {
             .reshape((b, c, h / 2, 2, w / 2))?
             .permute((0, 1, 3, 2, 4))?
             .reshape((b, 2 * c, h / 2, w / 2)),
-        g if g % 4 == 0 => channel_group_mean(&x.avg_pool2d(2)?, g / 4),
+        g if g.is_multiple_of(4) => channel_group_mean(&x.avg_pool2d(2)?, g / 4),
         g => channel_group_mean(&pixel_unshuffle(x, 2)?, g),
     }
 }
@@ -532,10 +563,25 @@ mod tests {
             assert!(max_abs_diff(&ours, &reference) < 1e-4);
             let no_bias = conv2d(&x, &weight, None, pad, stride)?;
             assert!(max_abs_diff(&no_bias, &x.conv2d(&weight, pad, stride, 1, 1)?) < 1e-4);
-            // A tracked input takes the composed (differentiable, any-device) path.
-            let var = candle_core::Var::from_tensor(&x)?;
-            let composed = conv2d(var.as_tensor(), &weight, Some(&bias), pad, stride)?;
-            assert!(max_abs_diff(&composed, &reference) < 1e-4);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn banded_conv2d_matches_candle_across_bands() -> Result<()> {
+        let dev = Device::Cpu;
+        for (stride, h) in [(1, 9), (2, 10)] {
+            let x = Tensor::randn(0f32, 1., (2, 3, h, 7 * stride), &dev)?;
+            let weight = Tensor::randn(0f32, 1., (4, 3, 3, 3), &dev)?;
+            let bias = Tensor::randn(0f32, 1., 4, &dev)?;
+            let reference = x
+                .conv2d(&weight, 1, stride, 1, 1)?
+                .broadcast_add(&bias.reshape((1, 4, 1, 1))?)?;
+            let geometry = ConvGeometry::new((h, 7 * stride), (3, 3), 1, stride);
+            // A budget of about two output rows per band: several bands, the last one shorter.
+            let budget = 2 * 2 * 28 * geometry.cols;
+            let banded = conv2d_banded(&x, &weight, Some(&bias), &geometry, budget)?;
+            assert!(max_abs_diff(&banded, &reference) < 1e-4);
         }
         Ok(())
     }
@@ -574,6 +620,20 @@ mod tests {
             assert_eq!(got, want);
         }
         assert_eq!(max_abs_diff(&pixel_shuffle(&down, 2)?, &x), 0.0);
+        // By hand: a 4x4 ramp splits into its four 2x2 sub-grids, (even, even) first.
+        let ramp = Tensor::arange(0f32, 16., &dev)?.reshape((1, 1, 4, 4))?;
+        let expected = [
+            [[0., 2.], [8., 10.]],
+            [[1., 3.], [9., 11.]],
+            [[4., 6.], [12., 14.]],
+            [[5., 7.], [13., 15.]],
+        ];
+        let got = pixel_unshuffle(&ramp, 2)?.squeeze(0)?.to_vec3::<f32>()?;
+        let expected: Vec<Vec<Vec<f32>>> = expected
+            .iter()
+            .map(|c| c.iter().map(|r| r.to_vec()).collect())
+            .collect();
+        assert_eq!(got, expected);
         let up = pixel_shuffle(&x.reshape((2, 12, 2, 3))?, 2)?;
         assert_eq!(
             max_abs_diff(&pixel_unshuffle(&up, 2)?, &x.reshape((2, 12, 2, 3))?),
