@@ -220,7 +220,7 @@ fn fresh_run_matches_the_store_contract_field_by_field() {
         let x = Tensor::from_vec(pix, (1, 3, RES as usize, RES as usize), &enc.device).unwrap();
         let lat: Vec<f32> = enc
             .vae
-            .encode(&x)
+            .forward(&x)
             .unwrap()
             .flatten_all()
             .unwrap()

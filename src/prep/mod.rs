@@ -16,7 +16,7 @@ use crossbeam_channel::bounded;
 
 use crate::error::{Error, Result};
 use crate::hub::{self, HubConfig};
-use crate::models::dcae::AutoencoderDc;
+use crate::models::dcae::{DcaeConfig, DcaeEncoder};
 use crate::store::fingerprint::fingerprint_folder;
 use crate::store::{
     FloatEncoding, LatentRow, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
@@ -195,7 +195,9 @@ fn decode_row(row: RawRow, resolution: u32) -> Decoded {
 
 /// The loaded encoders and the store settings they imply.
 pub struct Encoders {
-    pub vae: AutoencoderDc,
+    /// Only the DC-AE encoder is loaded (half the VAE's weights).
+    pub vae: DcaeEncoder,
+    pub vae_config: DcaeConfig,
     pub text: PromptEncoder,
     pub device: Device,
     pub config: StoreConfig,
@@ -209,8 +211,10 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
         hubc,
     )?;
     let device = parse_device(&opts.device)?;
-    let vae = AutoencoderDc::load(&src.root.join("vae"), DType::F32, &device)?;
-    let f = vae.spatial_compression() as u32;
+    let vae_dir = src.root.join("vae");
+    let vae_config = DcaeConfig::from_file(&vae_dir.join("config.json"))?;
+    let vae = DcaeEncoder::load(&vae_dir, DType::F32, &device)?;
+    let f = vae_config.spatial_compression() as u32;
     if opts.resolution == 0 || !opts.resolution.is_multiple_of(f) {
         return Err(Error::Arg(format!(
             "--resolution {} must be a positive multiple of the VAE's spatial compression {f}",
@@ -243,7 +247,7 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
         complex_human_instruction: opts
             .complex_human_instruction
             .then(|| COMPLEX_HUMAN_INSTRUCTION.iter().map(|s| s.to_string()).collect()),
-        vae_scaling_factor: vae.config().scaling_factor,
+        vae_scaling_factor: vae_config.scaling_factor,
         text_hidden_size: d,
         latent_dtype: opts.latent_dtype,
         embed_dtype: opts.embed_dtype,
@@ -260,11 +264,12 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
             normalize: "RGB (PIL convert) / 255 * 2 - 1".into(),
             mixed_precision: opts.mixed_precision.name().into(),
         },
-        latent_shape: [vae.config().latent_channels, r / f as usize, r / f as usize],
+        latent_shape: [vae_config.latent_channels, r / f as usize, r / f as usize],
         writer: format!("sana-sprint {}", env!("CARGO_PKG_VERSION")),
     };
     Ok(Encoders {
         vae,
+        vae_config,
         text,
         device,
         config,
@@ -284,7 +289,7 @@ pub fn encode_batch(
         pixels.extend_from_slice(p);
     }
     let x = Tensor::from_vec(pixels, (b, 3, r, r), &enc.device)?;
-    let latent = enc.vae.encode(&x)?.to_dtype(DType::F32)?;
+    let latent = enc.vae.forward(&x)?.to_dtype(DType::F32)?;
     let (c, h, w) = (latent.dim(1)?, latent.dim(2)?, latent.dim(3)?);
     let latent: Vec<f32> = latent.flatten_all()?.to_vec1()?;
     let captions: Vec<String> = batch.iter().map(|(_, c, _)| c.clone()).collect();
