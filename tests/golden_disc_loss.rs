@@ -362,6 +362,49 @@ fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
             assert!((norm - 1.0).abs() < 1e-6, "{name}.{buffer}: norm {norm}");
         }
     }
+    // Fresh heads already ran power iterations (SPEC §8.14 #14): σ = uᵀ W v is the top singular value,
+    // within 5% of what many more iterations give (the rate depends on the spectral gap), never the random,
+    // possibly tiny or negative, value of raw u, v.
+    for name in ["0.main.0.0", "1.main.1.fn.0", "3.cls"] {
+        let w = &state[&format!("{name}.weight_orig")];
+        let w = w.reshape((w.dim(0).unwrap(), ())).unwrap();
+        let sigma = |u: &Tensor, v: &Tensor| {
+            scalar(
+                &u.unsqueeze(0)
+                    .unwrap()
+                    .matmul(&w.matmul(&v.unsqueeze(1).unwrap()).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap(),
+            )
+        };
+        let (mut u, mut v) = (
+            state[&format!("{name}.weight_u")].clone(),
+            state[&format!("{name}.weight_v")].clone(),
+        );
+        let s_init = sigma(&u, &v);
+        for _ in 0..200 {
+            let wv = w
+                .matmul(&v.unsqueeze(1).unwrap())
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+            u = (&wv / scalar(&wv.sqr().unwrap().sum_all().unwrap()).sqrt() as f64).unwrap();
+            let wu = w
+                .t()
+                .unwrap()
+                .matmul(&u.unsqueeze(1).unwrap())
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+            v = (&wu / scalar(&wu.sqr().unwrap().sum_all().unwrap()).sqrt() as f64).unwrap();
+        }
+        let s_conv = sigma(&u, &v);
+        assert!(
+            s_init > 0.0 && (s_init - s_conv).abs() < 0.05 * s_conv,
+            "{name}: σ {s_init} vs {s_conv}"
+        );
+    }
     assert_eq!(
         scalar(&state["2.main.0.1.weight"].sum_all().unwrap()),
         c as f32

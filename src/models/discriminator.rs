@@ -18,6 +18,9 @@ use crate::nn::rng::InitRng;
 use crate::{Error, Result};
 
 /// Teacher blocks tapped by the heads, in head order (`--head_block_ids` default, 0-based).
+/// Power iterations run on fresh heads (SPEC §8.14 #14: the reference's first G step uses random u, v).
+pub const INIT_POWER_ITERATIONS: usize = 10;
+
 pub const DEFAULT_HEAD_BLOCK_IDS: [usize; 4] = [2, 8, 14, 19];
 
 /// `torch.nn.utils.spectral_norm` eps of `normalize(x) = x / max(‖x‖₂, eps)`.
@@ -370,8 +373,8 @@ pub struct DiscHeads {
 impl DiscHeads {
     /// Fresh heads (f32) for `channels` = the teacher's inner dim, one per entry of `block_ids` (strictly
     /// increasing teacher block indices, e.g. [`DEFAULT_HEAD_BLOCK_IDS`]), with torch's default initialisation
-    /// drawn from a generator seeded by `seed`. Run [`Self::power_iterations`] before the first eval-mode
-    /// forward (SPEC §8.14 #14).
+    /// drawn from a generator seeded by `seed`, then [`INIT_POWER_ITERATIONS`] power iterations so that the
+    /// first eval-mode forward does not divide by σ = uᵀWv of random u, v (SPEC §8.14 #14).
     pub fn new(block_ids: &[usize], channels: usize, seed: u64, device: &Device) -> Result<Self> {
         check_block_ids(block_ids)?;
         let mut rng = InitRng::new(seed);
@@ -379,11 +382,13 @@ impl DiscHeads {
             .iter()
             .map(|_| DiscHead::init(&mut rng, channels, device))
             .collect::<Result<_>>()?;
-        Ok(Self {
+        let heads = Self {
             heads,
             block_ids: block_ids.to_vec(),
             channels,
-        })
+        };
+        heads.power_iterations(INIT_POWER_ITERATIONS)?;
+        Ok(heads)
     }
 
     /// Loads heads `0..block_ids.len()` by their state-dict names (`{k}.main.0.0.weight_orig`, …) from `vb`;
