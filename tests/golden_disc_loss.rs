@@ -3,8 +3,10 @@
 //! (tools/golden/make_golden.py), disc_logits_tiny.* (tools/golden/make_golden_disc_logits.py: heads on the
 //! tapped tiny teacher, with autograd gradients). All Rust computations here are f32 unless stated.
 
+mod common;
+use common::{fixture_path, load_fixture};
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -24,17 +26,6 @@ const LOSS_REL_TOL: f64 = 1e-5;
 /// of the compared set (the teacher's f32 maths adds its own rounding; the eval-mode logits reach ~47 because
 /// the fixture's random u, v give a small σ, SPEC §8.14 #14).
 const TAPPED_REL_TOL: f32 = 1e-5;
-
-fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn load_fixture(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_path(&format!("{name}.safetensors")), &Device::Cpu)
-        .unwrap()
-}
 
 fn scalar(t: &Tensor) -> f32 {
     t.flatten_all()

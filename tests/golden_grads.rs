@@ -3,8 +3,10 @@
 //! transformer fixture. Rust side in f32: the student as trainable `Var`s ([`Student::from_weights`], linear
 //! self-attention), the teacher as plain tensors with only its input a `Var` (the adversarial term's path).
 
+mod common;
+use common::{fixture_path, load_fixture};
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
@@ -16,17 +18,6 @@ use sana_sprint::nn::dual::Dual;
 
 /// Tolerance on the relative L2 error of every f32 gradient against torch.
 const REL_TOL: f64 = 1e-4;
-
-fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn load_fixture(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_path(&format!("{name}.safetensors")), &Device::Cpu)
-        .unwrap()
-}
 
 fn tiny_config() -> SanaConfig {
     let json: serde_json::Value = serde_json::from_str(

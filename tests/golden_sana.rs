@@ -4,8 +4,10 @@
 //! `torch.func.jvp`. Plus: the real 0.6B/1.6B checkpoint key lists and parameter counts, built through the same
 //! constructor without allocating the weights.
 
+mod common;
+use common::{fixture_path, load_fixture};
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
@@ -17,17 +19,6 @@ use sana_sprint::nn::dual::{self, Dual};
 
 /// Tolerance on the relative L2 error of every f32 output against PyTorch.
 const REL_TOL: f32 = 1e-4;
-
-fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn load_fixture(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_path(&format!("{name}.safetensors")), &Device::Cpu)
-        .unwrap()
-}
 
 fn rel_l2(got: &Tensor, want: &Tensor) -> f32 {
     let got = got.to_dtype(DType::F64).unwrap();

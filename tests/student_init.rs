@@ -3,6 +3,9 @@
 //! teacher (checked against the torch teacher's output of tests/fixtures/sana_transformer_tiny, f32, relative
 //! L2 < 1e-4); only the learnable guidance init lets training make the output depend on the guidance scale.
 
+mod common;
+use common::fixture_path;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -14,12 +17,6 @@ use sana_sprint::models::weights::Weights;
 use sana_sprint::nn::dual::Dual;
 
 const GUIDANCE_PREFIX: &str = "time_embed.guidance_embedder.";
-
-fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn tiny_teacher_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/tiny-sana-sprint/transformer")

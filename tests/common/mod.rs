@@ -1,0 +1,29 @@
+//! Helpers shared by the integration tests: where fixtures live and how to load them.
+#![allow(dead_code)] // each test crate uses its own subset
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// A file under `tests/fixtures/` (tests never read fixtures from anywhere else).
+pub fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Every tensor of `tests/fixtures/NAME.safetensors`, on the CPU.
+pub fn load_fixture(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture_path(&format!("{name}.safetensors")), &Device::Cpu)
+        .unwrap()
+}
+
+/// The `config` object of `tests/fixtures/NAME.json`, deserialised.
+pub fn fixture_config<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path(&format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    serde_json::from_value(json["config"].clone()).unwrap()
+}
