@@ -20,11 +20,7 @@ use sana_sprint::nn::dual::Dual;
 const REL_TOL: f64 = 1e-4;
 
 fn tiny_config() -> SanaConfig {
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_path("sana_grads_tiny.json")).unwrap(),
-    )
-    .unwrap();
-    serde_json::from_value(json["config"].clone()).unwrap()
+    common::fixture_config("sana_grads_tiny")
 }
 
 fn sum_sq(t: &Tensor) -> f64 {

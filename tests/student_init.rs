@@ -31,11 +31,7 @@ fn fixture() -> HashMap<String, Tensor> {
 }
 
 fn fixture_config() -> SanaConfig {
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_path("sana_transformer_tiny.json")).unwrap(),
-    )
-    .unwrap();
-    serde_json::from_value(json["config"].clone()).unwrap()
+    common::fixture_config("sana_transformer_tiny")
 }
 
 /// The fixture's `teacher.*` weights, also reachable under their own names.
