@@ -12,24 +12,7 @@ use candle_nn::VarBuilder;
 use sana_sprint::models::dcae::{DcaeConfig, DcaeEncoder};
 
 /// The SANA 1.0 / 1.1 DC-AE `vae/config.json` (SPEC §1.2).
-const SANA_VAE_CONFIG: &str = r#"{
-  "attention_head_dim": 32,
-  "decoder_act_fns": "silu",
-  "decoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
-  "decoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"],
-  "decoder_layers_per_block": [3, 3, 3, 3, 3, 3],
-  "decoder_norm_types": "rms_norm",
-  "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-  "downsample_block_type": "Conv",
-  "encoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
-  "encoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"],
-  "encoder_layers_per_block": [2, 2, 2, 3, 3, 3],
-  "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-  "in_channels": 3,
-  "latent_channels": 32,
-  "scaling_factor": 0.41407,
-  "upsample_block_type": "interpolate"
-}"#;
+const SANA_VAE_CONFIG: &str = include_str!("../tests/fixtures/configs/dcae_f32c32_sana_vae.json");
 
 /// PyTorch-like init scale: weights and biases spread over ±1/√fan_in (pseudo-random, from a sine of the
 /// element index, because candle's per-element RNG is slow in a dev build), norm weights 1 and biases 0.
