@@ -2,6 +2,8 @@
 //! tools/golden/make_golden_dcae_variants.py, torch 2.15 / diffusers 0.42.1, f32 CPU), the real SANA
 //! checkpoint's key list, and load errors.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -236,23 +238,7 @@ fn sana_config_builds_exactly_the_checkpoint_keys() {
         "a parameter was requested twice"
     );
 
-    let keys = std::fs::read_to_string(fixture("keys/dcae_f32c32_sana_vae.txt")).unwrap();
-    let expected: BTreeMap<String, Vec<usize>> = keys
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let (name, shape) = l.split_once('\t').unwrap();
-            let dims = shape
-                .trim()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .split(',')
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| s.trim().parse().unwrap())
-                .collect();
-            (name.to_string(), dims)
-        })
-        .collect();
+    let expected = common::reference_keys("dcae_f32c32_sana_vae.txt");
     assert_eq!(expected.len(), 375);
     let missing: Vec<_> = expected
         .keys()

@@ -537,22 +537,7 @@ fn record(cfg: &SanaConfig) -> Recorded {
 }
 
 fn reference_keys(file: &str) -> KeyShapes {
-    let text = std::fs::read_to_string(fixture_path("keys").join(file)).unwrap();
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let (key, shape) = l.split_once('\t').expect("key<TAB>shape");
-            let dims = shape
-                .trim()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .split(',')
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| s.trim().parse().unwrap())
-                .collect();
-            (key.to_string(), dims)
-        })
-        .collect()
+    common::reference_keys(file).into_iter().collect()
 }
 
 fn sorted(mut v: KeyShapes) -> KeyShapes {

@@ -27,3 +27,23 @@ pub fn fixture_config<T: serde::de::DeserializeOwned>(name: &str) -> T {
     .unwrap();
     serde_json::from_value(json["config"].clone()).unwrap()
 }
+
+/// A real checkpoint key list `tests/fixtures/keys/FILE` (`key<TAB>[d0, d1, …]` per line) as name → shape.
+pub fn reference_keys(file: &str) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let text = std::fs::read_to_string(fixture_path("keys").join(file)).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (key, shape) = l.split_once('\t').expect("key<TAB>shape");
+            let dims = shape
+                .trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.trim().parse().unwrap())
+                .collect();
+            (key.to_string(), dims)
+        })
+        .collect()
+}
