@@ -389,8 +389,8 @@ impl Linear {
         *out_dims
             .last_mut()
             .expect("linear input has at least one dim") = self.weight.dim(0)?;
-        x.reshape((rows, inner))?
-            .matmul(&self.weight.t()?)?
+        // a frozen weight (the teacher's) gets no gradient: see nn::frozen
+        crate::nn::frozen::matmul_frozen_rhs(&x.reshape((rows, inner))?, &self.weight.t()?)?
             .reshape(out_dims)
     }
 }
