@@ -468,6 +468,21 @@ impl SanaTransformerBlock {
     }
 }
 
+/// What every block reads, from the part of the forward before the blocks (SPEC §3.1 steps 2–4).
+#[derive(Clone, Debug)]
+pub struct BlockInputs {
+    /// Patch-embedded latent tokens (B, N, D): the first block's input.
+    pub hidden: Dual,
+    /// Projected, normalised caption (B, L, D).
+    pub caption: Dual,
+    /// Block modulation `tmod` (B, 6D).
+    pub tmod: Dual,
+    /// Time conditioning `temb` (B, D) driving the final norm.
+    pub temb: Dual,
+    /// Token grid (height, width): the latent size over the patch size.
+    pub grid: (usize, usize),
+}
+
 /// diffusers `SanaTransformer2DModel`: the teacher (`guidance_embeds = false`) or the student backbone.
 #[derive(Clone, Debug)]
 pub struct SanaTransformer2DModel {
@@ -565,6 +580,16 @@ impl SanaTransformer2DModel {
 
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// The transformer blocks in order.
+    pub fn blocks(&self) -> &[SanaTransformerBlock] {
+        &self.blocks
+    }
+
+    /// The self-attention processor the blocks run.
+    pub fn self_attention(&self) -> SelfAttention {
+        self.self_attention
     }
 
     /// `time_embed(timestep, guidance)` → (`tmod` (B, 6D) driving the blocks, `temb` (B, D) driving the final
@@ -684,17 +709,26 @@ impl SanaTransformer2DModel {
         Ok(dual::rms_norm(&Dual::constant(y), &self.caption_norm, QK_NORM_EPS)?.primal)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run(
+    /// The additive cross-attention bias (B, 1, 1, L), in the working dtype, of `encoder_attention_mask` (B, L)
+    /// {1 keep, 0 drop}: 0 where kept, −10000 where dropped, broadcast over heads and queries.
+    pub fn mask_bias(&self, encoder_attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, l) = encoder_attention_mask.dims2()?;
+        Ok(encoder_attention_mask
+            .to_dtype(self.dtype)?
+            .affine(-1.0, 1.0)?
+            .affine(-10000.0, 0.0)?
+            .reshape((b, 1, 1, l))?)
+    }
+
+    /// The part of `forward` before the blocks: patch embedding of x (B, C, H, W), time embedding of `timestep`
+    /// (B,) (and `guidance`, student only), caption projection and norm of `encoder_hidden_states`.
+    pub fn embed(
         &self,
         x: &Dual,
         encoder_hidden_states: &Tensor,
         timestep: &Dual,
         guidance: Option<&Tensor>,
-        encoder_attention_mask: Option<&Tensor>,
-        taps: &[usize],
-        stop_after_taps: bool,
-    ) -> Result<(Option<Dual>, Vec<Dual>)> {
+    ) -> Result<BlockInputs> {
         let (b, c, height, width) = x.primal.dims4()?;
         let p = self.config.patch_size;
         if c != self.config.in_channels || !height.is_multiple_of(p) || !width.is_multiple_of(p) {
@@ -710,24 +744,7 @@ impl SanaTransformer2DModel {
                 timestep.dims()
             )));
         }
-        if let Some(&bad) = taps.iter().find(|&&i| i >= self.blocks.len()) {
-            return Err(Error::Arg(format!(
-                "block index {bad} out of range: the model has {} blocks",
-                self.blocks.len()
-            )));
-        }
         let (gh, gw) = (height / p, width / p);
-
-        // mask → additive bias (B, 1, 1, L) in the working dtype, broadcast over heads and queries
-        let mask_bias = encoder_attention_mask
-            .map(|m| -> Result<Tensor> {
-                let (mb, l) = m.dims2()?;
-                Ok(m.to_dtype(self.dtype)?
-                    .affine(-1.0, 1.0)?
-                    .affine(-10000.0, 0.0)?
-                    .reshape((mb, 1, 1, l))?)
-            })
-            .transpose()?;
 
         // patch embed: (B, C, H, W) → (B, N, C·p·p) patches → (B, N, D)
         let patches = x
@@ -741,10 +758,74 @@ impl SanaTransformer2DModel {
             self.patch_weight.flatten_from(1)?,
             Some(self.patch_bias.clone()),
         );
-        let mut hidden = patch_embed.forward(&patches)?;
+        let hidden = patch_embed.forward(&patches)?;
 
         let (tmod, temb) = self.time_embed(timestep, guidance)?;
         let caption = Dual::constant(self.caption(encoder_hidden_states)?);
+        Ok(BlockInputs {
+            hidden,
+            caption,
+            tmod,
+            temb,
+            grid: (gh, gw),
+        })
+    }
+
+    /// The part of `forward` after the blocks: the last block's output `hidden` (B, N, D) and `temb` (B, D)
+    /// through the modulated final norm, `proj_out` and unpatchify to the velocity (B, C_out, height, width).
+    pub fn final_layer(
+        &self,
+        hidden: &Dual,
+        temb: &Dual,
+        height: usize,
+        width: usize,
+    ) -> Result<Dual> {
+        let b = hidden.dims()[0];
+        let p = self.config.patch_size;
+        let (gh, gw) = (height / p, width / p);
+        // shift, scale = scale_shift_table (1, 2, D) + temb (B, 1, D)
+        let dim = self.config.inner_dim();
+        let table = Dual::constant(self.scale_shift_table.unsqueeze(0)?);
+        let shift_scale = temb.reshape((b, 1, dim))?.add(&table)?;
+        let (shift, scale) = (shift_scale.narrow(1, 0, 1)?, shift_scale.narrow(1, 1, 1)?);
+        let hidden = modulate(&dual::layer_norm(hidden, NORM_OUT_EPS)?, &shift, &scale)?;
+        let out = self.proj_out.forward(&hidden)?;
+
+        // unpatchify: (B, N, p·p·C) → (B, H', W', p, p, C) → (B, C, H'·p, W'·p)
+        let co = self.config.out_channels();
+        Ok(out
+            .reshape((b, gh, gw, p, p, co))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((b, co, height, width))?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        x: &Dual,
+        encoder_hidden_states: &Tensor,
+        timestep: &Dual,
+        guidance: Option<&Tensor>,
+        encoder_attention_mask: Option<&Tensor>,
+        taps: &[usize],
+        stop_after_taps: bool,
+    ) -> Result<(Option<Dual>, Vec<Dual>)> {
+        if let Some(&bad) = taps.iter().find(|&&i| i >= self.blocks.len()) {
+            return Err(Error::Arg(format!(
+                "block index {bad} out of range: the model has {} blocks",
+                self.blocks.len()
+            )));
+        }
+        let BlockInputs {
+            mut hidden,
+            caption,
+            tmod,
+            temb,
+            grid: (gh, gw),
+        } = self.embed(x, encoder_hidden_states, timestep, guidance)?;
+        let mask_bias = encoder_attention_mask
+            .map(|m| self.mask_bias(m))
+            .transpose()?;
 
         let last_tap = taps.iter().copied().max();
         let mut tapped: Vec<(usize, Dual)> = Vec::with_capacity(taps.len());
@@ -778,21 +859,8 @@ impl SanaTransformer2DModel {
         if stop_after_taps {
             return Ok((None, features));
         }
-
-        // final layer: shift, scale = scale_shift_table (1, 2, D) + temb (B, 1, D)
-        let dim = self.config.inner_dim();
-        let table = Dual::constant(self.scale_shift_table.unsqueeze(0)?);
-        let shift_scale = temb.reshape((b, 1, dim))?.add(&table)?;
-        let (shift, scale) = (shift_scale.narrow(1, 0, 1)?, shift_scale.narrow(1, 1, 1)?);
-        let hidden = modulate(&dual::layer_norm(&hidden, NORM_OUT_EPS)?, &shift, &scale)?;
-        let out = self.proj_out.forward(&hidden)?;
-
-        // unpatchify: (B, N, p·p·C) → (B, H', W', p, p, C) → (B, C, H'·p, W'·p)
-        let co = self.config.out_channels();
-        let out = out
-            .reshape((b, gh, gw, p, p, co))?
-            .permute((0, 5, 1, 3, 2, 4))?
-            .reshape((b, co, height, width))?;
+        let (height, width) = (x.dims()[2], x.dims()[3]);
+        let out = self.final_layer(&hidden, &temb, height, width)?;
         Ok((Some(out), features))
     }
 }

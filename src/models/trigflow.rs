@@ -10,6 +10,7 @@ use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 
 use crate::models::sana::SanaTransformer2DModel;
+use crate::nn::checkpoint::Recompute;
 use crate::nn::dual::{compute_dtype, Dual, Linear};
 use crate::Result;
 
@@ -27,6 +28,13 @@ pub fn flow_time(t: &Dual) -> Result<(Dual, Dual)> {
     let tau = sin.div(&cos.add(&sin)?)?;
     let rho = tau.sqr()?.add(&tau.affine(-1.0, 1.0)?.sqr()?)?.sqrt()?;
     Ok((tau, rho))
+}
+
+/// F = ((1−2τ)·x_in + (1−2τ+2τ²)·v) / ρ from the scaled input, the velocity and τ, ρ shaped (B, 1, 1, 1).
+fn trigflow_output(x_in: &Dual, v: &Dual, tau4: &Dual, rho4: &Dual) -> Result<Dual> {
+    let x_coef = tau4.affine(-2.0, 1.0)?;
+    let v_coef = tau4.sqr()?.affine(2.0, 0.0)?.add(&x_coef)?;
+    Ok(x_coef.mul(x_in)?.add(&v_coef.mul(v)?)?.div(rho4)?)
 }
 
 impl SanaTrigFlow {
@@ -95,9 +103,96 @@ impl SanaTrigFlow {
                 encoder_attention_mask,
             )?
             .to_dtype(cdt)?;
-        let x_coef = tau4.affine(-2.0, 1.0)?;
-        let v_coef = tau4.sqr()?.affine(2.0, 0.0)?.add(&x_coef)?;
-        Ok(x_coef.mul(&x_in)?.add(&v_coef.mul(&v)?)?.div(&rho4)?)
+        trigflow_output(&x_in, &v, &tau4, &rho4)
+    }
+
+    /// `forward` for constant inputs (no tangents, no gradient with respect to x, t or the prompt) with
+    /// gradient checkpointing: returns F (B, C, H, W) in f32 (f64 when x is f64) without a graph, and the
+    /// [`Recompute`] tape whose `backward(dF, grads)` adds to `grads` the gradients of sum(F ⊙ dF) with
+    /// respect to every `Var` the model reads (through any cast of them). The tape keeps only the segment
+    /// boundaries: each block's input tokens, the caption, `tmod` and `temb`; the forward holds one block's
+    /// activations at a time, and so does the backward, which recomputes the blocks one by one in reverse.
+    pub fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        encoder_hidden_states: &Tensor,
+        t: &Tensor,
+        guidance: Option<&Tensor>,
+        encoder_attention_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Recompute)> {
+        let (b, _, height, width) = x.dims4()?;
+        let cdt = compute_dtype(x.dtype());
+        let (tau, rho) = flow_time(&Dual::constant(t.detach()))?;
+        let (tau4, rho4) = (
+            tau.reshape((b, 1, 1, 1))?.to_dtype(cdt)?,
+            rho.reshape((b, 1, 1, 1))?.to_dtype(cdt)?,
+        );
+        let x_in = Dual::constant(x.detach().to_dtype(cdt)?).mul(&rho4)?;
+        let backbone = &self.transformer;
+        let mask_bias = encoder_attention_mask
+            .map(|m| backbone.mask_bias(m))
+            .transpose()?;
+        let mut tape = Recompute::new();
+
+        let embed = {
+            let (backbone, x_in, tau) = (backbone.clone(), x_in.clone(), tau.clone());
+            let (prompt, guidance) = (encoder_hidden_states.detach(), guidance.map(Tensor::detach));
+            move |_: &[Tensor]| -> Result<Vec<Tensor>> {
+                let e = backbone.embed(&x_in, &prompt, &tau, guidance.as_ref())?;
+                Ok(vec![
+                    e.hidden.primal,
+                    e.caption.primal,
+                    e.tmod.primal,
+                    e.temb.primal,
+                ])
+            }
+        };
+        let &[mut hidden, caption, tmod, temb] = tape.record(&[], embed)?.as_slice() else {
+            unreachable!("the embedding segment has four outputs")
+        };
+
+        let p = backbone.config().patch_size;
+        let (gh, gw) = (height / p, width / p);
+        for block in backbone.blocks() {
+            let (block, mask_bias, kind) =
+                (block.clone(), mask_bias.clone(), backbone.self_attention());
+            let run = move |inputs: &[Tensor]| -> Result<Vec<Tensor>> {
+                let [hidden, caption, tmod] = inputs else {
+                    unreachable!("a block segment has three inputs")
+                };
+                let out = block.forward(
+                    &Dual::constant(hidden.clone()),
+                    &Dual::constant(caption.clone()),
+                    mask_bias.as_ref(),
+                    &Dual::constant(tmod.clone()),
+                    gh,
+                    gw,
+                    kind,
+                )?;
+                Ok(vec![out.primal])
+            };
+            hidden = tape.record(&[hidden, caption, tmod], run)?[0];
+        }
+
+        let head = {
+            let backbone = backbone.clone();
+            move |inputs: &[Tensor]| -> Result<Vec<Tensor>> {
+                let [hidden, temb] = inputs else {
+                    unreachable!("the head segment has two inputs")
+                };
+                let v = backbone
+                    .final_layer(
+                        &Dual::constant(hidden.clone()),
+                        &Dual::constant(temb.clone()),
+                        height,
+                        width,
+                    )?
+                    .to_dtype(cdt)?;
+                Ok(vec![trigflow_output(&x_in, &v, &tau4, &rho4)?.primal])
+            }
+        };
+        let out = tape.record(&[hidden, temb], head)?[0];
+        Ok((tape.value(out).clone(), tape))
     }
 
     /// logvar (B, 1) in f32 (f64 for an f64 model): `logvar_linear` on the time embedding `temb` of the TrigFlow time t itself (not τ),

@@ -4,3 +4,4 @@ pub mod conv; // depthwise conv as shifted sums, grouped 1x1 conv, pixel (un)shu
 pub mod dual; // Dual (primal + tangent) tensors: one forward path for plain and JVP passes
 pub mod rng; // seedable SplitMix64 / Box–Muller generator for weight initialisation
 pub mod frozen; // matmul with a frozen weight: backward skips the weight gradient
+pub mod checkpoint; // gradient checkpointing: recompute blocks in backward
