@@ -286,6 +286,28 @@ impl Student {
         self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
     }
 
+    /// The student computing in `dtype` (SPEC §8.14 #3: f32 master weights, bf16 compute): a model whose weights
+    /// are `dtype` casts of the variables (its passes build a graph back to the f32 variables) and a frozen twin
+    /// of the same casts (no graph). In f32 the models read the variables directly. Casts are snapshots: rebuild
+    /// after every optimiser step (f32 models see `Var::set` updates in place).
+    pub fn compute_models(&self, dtype: DType) -> Result<(SanaTrigFlow, SanaTrigFlow)> {
+        if dtype == DType::F32 {
+            return Ok((self.model.clone(), self.detached()?));
+        }
+        let mut tracked = HashMap::new();
+        let mut frozen = HashMap::new();
+        for (name, var) in self.varmap.data().lock().unwrap().iter() {
+            let cast = var.as_tensor().to_dtype(dtype)?;
+            frozen.insert(name.clone(), cast.detach());
+            tracked.insert(name.clone(), cast);
+        }
+        let build = |tensors| {
+            let vb = VarBuilder::from_tensors(tensors, dtype, &self.device);
+            student_model(&self.config, &vb, self.self_attention)
+        };
+        Ok((build(tracked)?, build(frozen)?))
+    }
+
     /// A model over the same storage whose weights are plain tensors: its passes build no graph and see every
     /// later `Var::set` (optimiser step).
     pub fn detached(&self) -> Result<SanaTrigFlow> {

@@ -28,7 +28,8 @@ use source::{RawRow, Shard};
 
 /// Precision of the encoders: `no` runs everything in f32; `bf16` runs Gemma in bf16 as the reference
 /// script does (the VAE stays f32 in both, as in the reference).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MixedPrecision {
     No,
     Bf16,

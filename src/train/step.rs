@@ -1,0 +1,539 @@
+//! One phase of SANA-Sprint distillation as pure maths (SPEC §8.6–§8.9, recommended column of §8.14): the
+//! generator (student) loss and the discriminator-head loss of one batch, with every random draw passed in.
+//!
+//! The trainer draws [`GeneratorDraws`] / [`DiscriminatorDraws`] from its seeded generator (order documented
+//! on [`GeneratorDraws::sample`]); the step-parity test injects the draws of the PyTorch statement of the
+//! reference maths instead. All time and loss arithmetic is f32 (§8.14 #10); models may compute in bf16.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::models::discriminator::{self, DiscHeads, Mode};
+use crate::models::trigflow::SanaTrigFlow;
+use crate::nn::checkpoint::Recompute;
+use crate::nn::dual::Dual;
+use crate::nn::rng::InitRng;
+use crate::train::loss::{self, TimestepSampler, TANGENT_NORM_CONST};
+use crate::{Error, Result};
+
+/// `--largest_timestep` default: the reference's literal 1.5708, slightly above π/2 (kept as given, SPEC §7).
+#[allow(clippy::approx_constant)]
+pub const LARGEST_TIMESTEP: f64 = 1.5708;
+
+/// The step's hyper-parameters (flag names of the reference script).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepSettings {
+    pub sigma_data: f64,
+    pub scm_lambda: f64,
+    pub adv_lambda: f64,
+    pub tangent_warmup_steps: u64,
+    pub guidance_embeds_scale: f64,
+    pub student_sampler: TimestepSampler,
+    pub disc_sampler: TimestepSampler,
+    /// `--scm_cfg_scale`: the CFG scales the teacher velocity is drawn from, uniformly per sample.
+    pub scm_cfg_scale: Vec<f64>,
+    pub train_largest_timestep: bool,
+    pub largest_timestep: f64,
+    pub largest_timestep_prob: f64,
+    pub misaligned_pairs_d: bool,
+}
+
+impl Default for StepSettings {
+    fn default() -> Self {
+        Self {
+            sigma_data: 0.5,
+            scm_lambda: 1.0,
+            adv_lambda: 0.5,
+            tangent_warmup_steps: 4000,
+            guidance_embeds_scale: 0.1,
+            student_sampler: TimestepSampler::STUDENT,
+            disc_sampler: TimestepSampler::DISCRIMINATOR,
+            scm_cfg_scale: vec![4.0, 4.5, 5.0],
+            train_largest_timestep: false,
+            largest_timestep: LARGEST_TIMESTEP,
+            largest_timestep_prob: 0.5,
+            misaligned_pairs_d: false,
+        }
+    }
+}
+
+/// One batch on the device: `x0` (B, C, H, W) f32 = latent·scaling·σd; prompt embeddings (B, L, D) and masks
+/// (B, L) for the prompts and the unconditional prompt.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub x0: Tensor,
+    pub prompt_embeds: Tensor,
+    pub prompt_mask: Tensor,
+    pub neg_embeds: Tensor,
+    pub neg_mask: Tensor,
+}
+
+impl Batch {
+    pub fn len(&self) -> Result<usize> {
+        Ok(self.x0.dim(0)?)
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// The extra draws of `--train_largest_timestep`.
+#[derive(Debug, Clone)]
+pub struct LargestTimestepDraws {
+    /// Standard normals for a fresh student time t' (generator phase only).
+    pub t_normal: Option<Tensor>,
+    /// U[0, 1) per sample: the sample takes `largest_timestep` where it is below `largest_timestep_prob`.
+    pub uniform: Tensor,
+    /// Standard-normal latent noise for the re-noised sample.
+    pub noise: Tensor,
+}
+
+/// Random inputs of a generator step (all f32; latent-shaped ones (B, C, H, W), the rest (B,)).
+#[derive(Debug, Clone)]
+pub struct GeneratorDraws {
+    pub noise: Tensor,
+    pub t_normal: Tensor,
+    /// The CFG scale chosen for each sample.
+    pub cfg: Tensor,
+    pub largest: Option<LargestTimestepDraws>,
+    pub t_d_normal: Tensor,
+    pub noise_d: Tensor,
+}
+
+/// Random inputs of a discriminator step.
+#[derive(Debug, Clone)]
+pub struct DiscriminatorDraws {
+    pub noise: Tensor,
+    pub t_normal: Tensor,
+    pub cfg: Tensor,
+    pub largest: Option<LargestTimestepDraws>,
+    pub t_d_normal: Tensor,
+    pub noise_fake: Tensor,
+    pub noise_real: Tensor,
+    /// Time normals and noise of the misaligned pairs (only with `--misaligned_pairs_D` and B > 1).
+    pub shift: Option<(Tensor, Tensor)>,
+}
+
+/// Host-side draws turned into device tensors.
+struct Drawer<'a> {
+    rng: &'a mut InitRng,
+    device: &'a Device,
+}
+
+impl Drawer<'_> {
+    fn normal(&mut self, shape: &[usize]) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Ok(Tensor::from_vec(self.rng.normal(n), shape, self.device)?)
+    }
+
+    fn uniform(&mut self, n: usize) -> Result<Tensor> {
+        let u: Vec<f32> = (0..n).map(|_| self.rng.unit() as f32).collect();
+        Ok(Tensor::from_vec(u, n, self.device)?)
+    }
+
+    fn cfg(&mut self, n: usize, scales: &[f64]) -> Result<Tensor> {
+        if scales.is_empty() {
+            return Err(Error::Arg(
+                "--scm_cfg_scale needs at least one value".into(),
+            ));
+        }
+        let w: Vec<f32> = (0..n)
+            .map(|_| scales[(self.rng.next_u64() % scales.len() as u64) as usize] as f32)
+            .collect();
+        Ok(Tensor::from_vec(w, n, self.device)?)
+    }
+}
+
+impl GeneratorDraws {
+    /// Draws in this order: noise, t, cfg, [t', uniform, noise'] (largest timestep), t_D, noise_D.
+    pub fn sample(
+        rng: &mut InitRng,
+        latent_shape: &[usize],
+        settings: &StepSettings,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = latent_shape[0];
+        let mut d = Drawer { rng, device };
+        let noise = d.normal(latent_shape)?;
+        let t_normal = d.normal(&[b])?;
+        let cfg = d.cfg(b, &settings.scm_cfg_scale)?;
+        let largest = if settings.train_largest_timestep {
+            Some(LargestTimestepDraws {
+                t_normal: Some(d.normal(&[b])?),
+                uniform: d.uniform(b)?,
+                noise: d.normal(latent_shape)?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            noise,
+            t_normal,
+            cfg,
+            largest,
+            t_d_normal: d.normal(&[b])?,
+            noise_d: d.normal(latent_shape)?,
+        })
+    }
+}
+
+impl DiscriminatorDraws {
+    /// Draws in this order: noise, t, cfg, [uniform, noise] (largest timestep), t_D, noise_fake, noise_real,
+    /// [t_shift, noise_shift] (misaligned pairs, B > 1).
+    pub fn sample(
+        rng: &mut InitRng,
+        latent_shape: &[usize],
+        settings: &StepSettings,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = latent_shape[0];
+        let mut d = Drawer { rng, device };
+        let noise = d.normal(latent_shape)?;
+        let t_normal = d.normal(&[b])?;
+        let cfg = d.cfg(b, &settings.scm_cfg_scale)?;
+        let largest = if settings.train_largest_timestep {
+            Some(LargestTimestepDraws {
+                t_normal: None,
+                uniform: d.uniform(b)?,
+                noise: d.normal(latent_shape)?,
+            })
+        } else {
+            None
+        };
+        let t_d_normal = d.normal(&[b])?;
+        let noise_fake = d.normal(latent_shape)?;
+        let noise_real = d.normal(latent_shape)?;
+        let shift = if settings.misaligned_pairs_d && b > 1 {
+            Some((d.normal(&[b])?, d.normal(latent_shape)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            noise,
+            t_normal,
+            cfg,
+            largest,
+            t_d_normal,
+            noise_fake,
+            noise_real,
+            shift,
+        })
+    }
+}
+
+/// The networks a step uses. `student` reads the trainable variables (its passes build a graph);
+/// `student_frozen` computes with the same values without a graph (JVP and no-grad passes).
+pub struct Models<'a> {
+    pub teacher: &'a SanaTrigFlow,
+    pub student: &'a SanaTrigFlow,
+    pub student_frozen: &'a SanaTrigFlow,
+    pub heads: &'a DiscHeads,
+    /// Recompute student blocks in backward instead of keeping their activations.
+    pub gradient_checkpointing: bool,
+}
+
+/// Student outputs whose gradients still have to be pushed through recomputed blocks after `backward`.
+#[derive(Default)]
+pub struct PendingRecompute(Vec<(Var, Recompute)>);
+
+impl PendingRecompute {
+    /// Completes `grads` (from `loss.backward()`) with the gradients of the checkpointed student passes.
+    pub fn finish(self, grads: &mut GradStore) -> Result<()> {
+        for (leaf, recompute) in self.0 {
+            if let Some(g) = grads.remove(leaf.as_tensor()) {
+                recompute.backward(&g, grads)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Results of a generator step: the loss with its graph plus detached values for logging and tests.
+pub struct GeneratorOutput {
+    /// scm_lambda·L_scm + adv_lambda·L_adv (with graph).
+    pub loss: Tensor,
+    pub scm_loss: f64,
+    pub adv_loss: f64,
+    pub t: Tensor,
+    pub dxt_dt: Tensor,
+    pub df: Tensor,
+    pub f: Tensor,
+    pub logvar: Tensor,
+    pub x0_pred: Tensor,
+    pub logits: Tensor,
+    pub pending: PendingRecompute,
+}
+
+/// Results of a discriminator step.
+pub struct DiscriminatorOutput {
+    /// The hinge loss (with graph into the heads).
+    pub loss: Tensor,
+    pub d_loss: f64,
+    pub logits_fake: Tensor,
+    pub logits_real: Tensor,
+}
+
+/// A per-sample (B,) tensor viewed (B, 1, 1, 1).
+fn col(v: &Tensor) -> Result<Tensor> {
+    Ok(v.reshape((v.elem_count(), 1, 1, 1))?)
+}
+
+/// cos t·a + sin t·b for per-sample t (B,).
+fn trig_mix(t: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let t = col(t)?;
+    Ok(a.broadcast_mul(&t.cos()?)?
+        .add(&b.broadcast_mul(&t.sin()?)?)?)
+}
+
+/// cos t·x_t − sin t·σd·F: the clean latent predicted from a TrigFlow output.
+fn predict_x0(t: &Tensor, x_t: &Tensor, f: &Tensor, sigma_data: f64) -> Result<Tensor> {
+    trig_mix(t, x_t, &f.affine(-sigma_data, 0.0)?)
+}
+
+/// Where a per-sample uniform is below `prob`, the time becomes `value`.
+fn replace_where(t: &Tensor, uniform: &Tensor, prob: f64, value: f64) -> Result<Tensor> {
+    let take = uniform.lt(prob)?;
+    Ok(take.where_cond(&t.ones_like()?.affine(0.0, value)?, t)?)
+}
+
+/// A student pass with graph, F (B, C, H, W) f32; with checkpointing the blocks' activations are dropped and a
+/// leaf stands in for F until [`PendingRecompute::finish`].
+fn student_pass(
+    m: &Models,
+    x: &Tensor,
+    t: &Tensor,
+    batch: &Batch,
+    guidance: &Tensor,
+    pending: &mut PendingRecompute,
+) -> Result<Tensor> {
+    if m.gradient_checkpointing {
+        let (f, recompute) = m.student.forward_checkpointed(
+            x,
+            &batch.prompt_embeds,
+            t,
+            Some(guidance),
+            Some(&batch.prompt_mask),
+        )?;
+        let leaf = Var::from_tensor(&f)?;
+        let f = leaf.as_tensor().clone();
+        pending.0.push((leaf, recompute));
+        Ok(f)
+    } else {
+        Ok(m.student
+            .forward(
+                &Dual::constant(x.clone()),
+                &batch.prompt_embeds,
+                &Dual::constant(t.clone()),
+                Some(guidance),
+                Some(&batch.prompt_mask),
+            )?
+            .primal)
+    }
+}
+
+/// Phase G (SPEC §8.7): teacher CFG velocity, the student's exact JVP, the sCM loss with the logvar head, and
+/// the LADD generator loss through the frozen teacher and the heads in eval mode. Only the student's
+/// variables should be updated from the returned loss (the heads' gradients are discarded, §8.14 #4).
+pub fn generator_loss(
+    m: &Models,
+    batch: &Batch,
+    draws: &GeneratorDraws,
+    s: &StepSettings,
+    global_step: u64,
+) -> Result<GeneratorOutput> {
+    let sd = s.sigma_data;
+    let x0 = &batch.x0;
+    let t = s.student_sampler.timesteps(&draws.t_normal)?;
+    let x_t = trig_mix(&t, x0, &draws.noise.affine(sd, 0.0)?)?;
+    let w = draws.cfg.to_dtype(DType::F32)?;
+    let guidance = w.affine(s.guidance_embeds_scale, 0.0)?;
+    let x_hat = x_t.affine(1.0 / sd, 0.0)?;
+
+    // 1. teacher CFG velocity (unconditional half first)
+    let f_teacher = m
+        .teacher
+        .forward(
+            &Dual::constant(Tensor::cat(&[&x_hat, &x_hat], 0)?),
+            &Tensor::cat(&[&batch.neg_embeds, &batch.prompt_embeds], 0)?,
+            &Dual::constant(Tensor::cat(&[&t, &t], 0)?),
+            None,
+            Some(&Tensor::cat(&[&batch.neg_mask, &batch.prompt_mask], 0)?),
+        )?
+        .primal
+        .affine(sd, 0.0)?;
+    let b = x0.dim(0)?;
+    let (uncond, cond) = (f_teacher.narrow(0, 0, b)?, f_teacher.narrow(0, b, b)?);
+    let dxt_dt = uncond.add(&cond.sub(&uncond)?.broadcast_mul(&col(&w)?)?)?;
+
+    // 2–3. tangents (cos t sin t · dxt_dt/σd, cos t sin t) and the student's JVP dF
+    let cos_sin = (t.cos()? * t.sin()?)?;
+    let v_x = dxt_dt
+        .broadcast_mul(&col(&cos_sin)?)?
+        .affine(1.0 / sd, 0.0)?;
+    let df = m
+        .student_frozen
+        .forward(
+            &Dual::with_tangent(x_hat.clone(), v_x),
+            &batch.prompt_embeds,
+            &Dual::with_tangent(t.clone(), cos_sin.clone()),
+            Some(&guidance),
+            Some(&batch.prompt_mask),
+        )?
+        .tangent_or_zeros()?;
+
+    // 4. student with graph, logvar head
+    let mut pending = PendingRecompute::default();
+    let f = student_pass(m, &x_hat, &t, batch, &guidance, &mut pending)?;
+    let logvar = m.student.logvar(&t, Some(&guidance))?;
+
+    // 5–9. tangent, normalisation, weighted sCM loss
+    let r = loss::tangent_warmup(global_step, s.tangent_warmup_steps);
+    let f_minus = f.detach();
+    let g = loss::scm_tangent(&x_t, &t, &dxt_dt, &f_minus, &df, sd, r)?;
+    let g = loss::normalize_tangent(&g, TANGENT_NORM_CONST)?;
+    let scm = loss::scm_loss(&f, &f_minus, &g, &logvar, &t, sd)?;
+
+    // 10. predicted clean latent (from a fresh student pass at t' with --train_largest_timestep)
+    let x0_pred = match &draws.largest {
+        Some(largest) => {
+            let t_normal = largest.t_normal.as_ref().ok_or_else(|| {
+                Error::Arg("largest-timestep draws of a generator step need t_normal".into())
+            })?;
+            let t_prime = replace_where(
+                &s.student_sampler.timesteps(t_normal)?,
+                &largest.uniform,
+                s.largest_timestep_prob,
+                s.largest_timestep,
+            )?;
+            let x_prime = trig_mix(&t_prime, x0, &largest.noise.affine(sd, 0.0)?)?;
+            let f_prime = student_pass(
+                m,
+                &x_prime.affine(1.0 / sd, 0.0)?,
+                &t_prime,
+                batch,
+                &guidance,
+                &mut pending,
+            )?;
+            predict_x0(&t_prime, &x_prime, &f_prime, sd)?
+        }
+        None => predict_x0(&t, &x_t, &f, sd)?,
+    };
+
+    // 11. adversarial generator loss through the frozen teacher trunk and the heads (eval mode)
+    let t_d = s.disc_sampler.timesteps(&draws.t_d_normal)?;
+    let x_d = trig_mix(&t_d, &x0_pred, &draws.noise_d.affine(sd, 0.0)?)?;
+    let logits = discriminator::logits(
+        m.teacher,
+        &x_d.affine(1.0 / sd, 0.0)?,
+        &t_d,
+        &batch.prompt_embeds,
+        Some(&batch.prompt_mask),
+        m.heads,
+        Mode::Eval,
+    )?;
+    let adv = loss::generator_adv_loss(&logits)?;
+
+    // 12. total
+    let total = (scm.affine(s.scm_lambda, 0.0)? + adv.affine(s.adv_lambda, 0.0)?)?;
+    Ok(GeneratorOutput {
+        scm_loss: scm.to_dtype(DType::F64)?.to_scalar()?,
+        adv_loss: adv.to_dtype(DType::F64)?.to_scalar()?,
+        loss: total,
+        t,
+        dxt_dt,
+        df,
+        f: f_minus,
+        logvar: logvar.detach(),
+        x0_pred: x0_pred.detach(),
+        logits: logits.detach(),
+        pending,
+    })
+}
+
+/// Phase D (SPEC §8.8, recommended fixes #5 and #6): the student's no-grad prediction re-noised at a
+/// discriminator time, real latents at the same time, heads in train mode (one power iteration per spectral
+/// convolution and forward: fake first, then real), hinge loss.
+pub fn discriminator_loss(
+    m: &Models,
+    batch: &Batch,
+    draws: &DiscriminatorDraws,
+    s: &StepSettings,
+) -> Result<DiscriminatorOutput> {
+    let sd = s.sigma_data;
+    let x0 = &batch.x0;
+    let w = draws.cfg.to_dtype(DType::F32)?;
+    let guidance = w.affine(s.guidance_embeds_scale, 0.0)?;
+    let mut t = s.student_sampler.timesteps(&draws.t_normal)?;
+    let mut x_t = trig_mix(&t, x0, &draws.noise.affine(sd, 0.0)?)?;
+    if let Some(largest) = &draws.largest {
+        t = replace_where(
+            &t,
+            &largest.uniform,
+            s.largest_timestep_prob,
+            s.largest_timestep,
+        )?;
+        x_t = trig_mix(&t, x0, &largest.noise.affine(sd, 0.0)?)?;
+    }
+    let f = m
+        .student_frozen
+        .forward(
+            &Dual::constant(x_t.affine(1.0 / sd, 0.0)?),
+            &batch.prompt_embeds,
+            &Dual::constant(t.clone()),
+            Some(&guidance),
+            Some(&batch.prompt_mask),
+        )?
+        .primal;
+    let x0_fake = predict_x0(&t, &x_t, &f, sd)?;
+
+    let t_d = s.disc_sampler.timesteps(&draws.t_d_normal)?;
+    let x_fake = trig_mix(&t_d, &x0_fake, &draws.noise_fake.affine(sd, 0.0)?)?;
+    let x_real = trig_mix(&t_d, x0, &draws.noise_real.affine(sd, 0.0)?)?;
+    let (fake, fake_t, fake_y, fake_mask) = match &draws.shift {
+        Some((t_shift_normal, noise_shift)) => {
+            let b = x0.dim(0)?;
+            // sample i is paired with the image of sample i − 1
+            let x0_shift = Tensor::cat(&[x0.narrow(0, b - 1, 1)?, x0.narrow(0, 0, b - 1)?], 0)?;
+            let t_shift = s.disc_sampler.timesteps(t_shift_normal)?;
+            let x_shift = trig_mix(&t_shift, &x0_shift, &noise_shift.affine(sd, 0.0)?)?;
+            (
+                Tensor::cat(&[&x_fake, &x_shift], 0)?,
+                Tensor::cat(&[&t_d, &t_shift], 0)?,
+                Tensor::cat(&[&batch.prompt_embeds, &batch.prompt_embeds], 0)?,
+                Tensor::cat(&[&batch.prompt_mask, &batch.prompt_mask], 0)?,
+            )
+        }
+        None => (
+            x_fake,
+            t_d.clone(),
+            batch.prompt_embeds.clone(),
+            batch.prompt_mask.clone(),
+        ),
+    };
+    let logits_fake = discriminator::logits(
+        m.teacher,
+        &fake.affine(1.0 / sd, 0.0)?,
+        &fake_t,
+        &fake_y,
+        Some(&fake_mask),
+        m.heads,
+        Mode::Train,
+    )?;
+    let logits_real = discriminator::logits(
+        m.teacher,
+        &x_real.affine(1.0 / sd, 0.0)?,
+        &t_d,
+        &batch.prompt_embeds,
+        Some(&batch.prompt_mask),
+        m.heads,
+        Mode::Train,
+    )?;
+    let loss = loss::hinge_d_loss(&logits_real, &logits_fake)?;
+    Ok(DiscriminatorOutput {
+        d_loss: loss.to_dtype(DType::F64)?.to_scalar()?,
+        loss,
+        logits_fake: logits_fake.detach(),
+        logits_real: logits_real.detach(),
+    })
+}
