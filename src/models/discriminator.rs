@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use crate::models::sana::TextContext;
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
 use crate::nn::rng::InitRng;
@@ -527,7 +528,19 @@ pub fn logits(
     heads: &DiscHeads,
     mode: Mode,
 ) -> Result<Tensor> {
-    let features = teacher.block_outputs(x, y, t, None, mask, heads.block_ids())?;
+    logits_ctx(teacher, x, t, &teacher.text_context(y, mask)?, heads, mode)
+}
+
+/// [`logits`] over the teacher's precomputed [`TextContext`] of the prompts.
+pub fn logits_ctx(
+    teacher: &SanaTrigFlow,
+    x: &Tensor,
+    t: &Tensor,
+    text: &TextContext,
+    heads: &DiscHeads,
+    mode: Mode,
+) -> Result<Tensor> {
+    let features = teacher.block_outputs_ctx(x, text, t, None, heads.block_ids())?;
     let per_head = heads.forward(&features, mode)?;
     Ok(Tensor::cat(&per_head, 1)?)
 }

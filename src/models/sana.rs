@@ -304,22 +304,14 @@ impl Attention {
         })
     }
 
-    /// Projected, q/k-normalised, head-split (B, H, ·, d) queries, keys and values.
-    fn qkv(&self, x: &Dual, context: &Dual) -> Result<(Dual, Dual, Dual)> {
-        let mut q = self.to_q.forward(x)?;
+    /// Projected, k-normalised, head-split (B, H, L, d) keys and values of `context`.
+    fn context_kv(&self, context: &Dual) -> Result<(Dual, Dual)> {
         let mut k = self.to_k.forward(context)?;
-        if let Some(w) = &self.norm_q {
-            q = dual::rms_norm(&q, w, QK_NORM_EPS)?;
-        }
         if let Some(w) = &self.norm_k {
             k = dual::rms_norm(&k, w, QK_NORM_EPS)?;
         }
         let v = self.to_v.forward(context)?;
-        Ok((
-            split_heads(&q, self.heads)?,
-            split_heads(&k, self.heads)?,
-            split_heads(&v, self.heads)?,
-        ))
+        Ok((split_heads(&k, self.heads)?, split_heads(&v, self.heads)?))
     }
 
     fn forward(
@@ -329,11 +321,28 @@ impl Attention {
         kind: SelfAttention,
         bias: Option<&Tensor>,
     ) -> Result<Dual> {
-        let (q, k, v) = self.qkv(x, context)?;
+        let (k, v) = self.context_kv(context)?;
+        self.forward_kv(x, &k, &v, kind, bias)
+    }
+
+    /// Attention of x's queries over precomputed keys and values (see [`Self::context_kv`]).
+    fn forward_kv(
+        &self,
+        x: &Dual,
+        k: &Dual,
+        v: &Dual,
+        kind: SelfAttention,
+        bias: Option<&Tensor>,
+    ) -> Result<Dual> {
+        let mut q = self.to_q.forward(x)?;
+        if let Some(w) = &self.norm_q {
+            q = dual::rms_norm(&q, w, QK_NORM_EPS)?;
+        }
+        let q = split_heads(&q, self.heads)?;
         let out = match kind {
-            SelfAttention::Linear => dual::relu_linear_attention(&q, &k, &v)?,
+            SelfAttention::Linear => dual::relu_linear_attention(&q, k, v)?,
             SelfAttention::Softmax => {
-                dual::softmax_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt(), bias)?
+                dual::softmax_attention(&q, k, v, 1.0 / (self.head_dim as f64).sqrt(), bias)?
             }
         };
         self.to_out.forward(&merge_heads(&out)?).map_err(Into::into)
@@ -443,6 +452,28 @@ impl SanaTransformerBlock {
         width: usize,
         self_attention: SelfAttention,
     ) -> Result<Dual> {
+        let kv = self.cross_kv(caption)?;
+        self.forward_kv(x, &kv, mask_bias, tmod, height, width, self_attention)
+    }
+
+    /// The cross-attention keys and values (B, heads, L, d) of a projected caption: the text-side work of the
+    /// block, the same for every pass over the same prompts.
+    pub fn cross_kv(&self, caption: &Dual) -> Result<(Dual, Dual)> {
+        self.attn2.context_kv(caption)
+    }
+
+    /// [`Self::forward`] with the cross-attention keys and values already computed ([`Self::cross_kv`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_kv(
+        &self,
+        x: &Dual,
+        kv: &(Dual, Dual),
+        mask_bias: Option<&Tensor>,
+        tmod: &Dual,
+        height: usize,
+        width: usize,
+        self_attention: SelfAttention,
+    ) -> Result<Dual> {
         let (b, _, dim) = x.primal.dims3()?;
         let table = Dual::constant(self.scale_shift_table.unsqueeze(0)?);
         let modulation = tmod.reshape((b, 6, dim))?.add(&table)?.chunk(6, 1)?;
@@ -456,16 +487,89 @@ impl SanaTransformerBlock {
         let attn = self.attn1.forward(&h, &h, self_attention, None)?;
         let x = x.add(&gate_msa.mul(&attn)?)?;
 
-        let x = x.add(
-            &self
-                .attn2
-                .forward(&x, caption, SelfAttention::Softmax, mask_bias)?,
-        )?;
+        let x =
+            x.add(
+                &self
+                    .attn2
+                    .forward_kv(&x, &kv.0, &kv.1, SelfAttention::Softmax, mask_bias)?,
+            )?;
 
         let h = modulate(&dual::layer_norm(&x, self.norm_eps)?, shift_mlp, scale_mlp)?;
         let ff = self.ff.forward(&h, height, width)?;
         Ok(x.add(&gate_mlp.mul(&ff)?)?)
     }
+}
+
+/// The text-side work of one batch of prompts for one model — caption projection and norm, then every block's
+/// cross-attention keys and values, plus the mask bias — computed once ([`SanaTransformer2DModel::text_context`])
+/// and shared by every pass over the same prompts (teacher CFG and discriminator passes; student passes and
+/// the JVP). The keys and values carry no tangent: the text does not depend on x or t.
+#[derive(Clone, Debug)]
+pub struct TextContext {
+    /// Per block: keys and values (B, heads, L, d).
+    pub kv: Vec<(Dual, Dual)>,
+    /// Additive cross-attention bias (B, 1, 1, L), if a mask was given.
+    pub mask_bias: Option<Tensor>,
+}
+
+impl TextContext {
+    /// Number of prompt rows.
+    pub fn batch(&self) -> usize {
+        self.kv.first().map_or(0, |(k, _)| k.dims()[0])
+    }
+
+    /// The contexts of several prompt batches stacked along the batch (e.g. [negative, prompts] for CFG).
+    pub fn cat(parts: &[&TextContext]) -> Result<TextContext> {
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::Arg("no text contexts to concatenate".into()))?;
+        let kv = (0..first.kv.len())
+            .map(|i| -> Result<(Dual, Dual)> {
+                let ks: Vec<&Dual> = parts.iter().map(|p| &p.kv[i].0).collect();
+                let vs: Vec<&Dual> = parts.iter().map(|p| &p.kv[i].1).collect();
+                Ok((Dual::cat(&ks, 0)?, Dual::cat(&vs, 0)?))
+            })
+            .collect::<Result<_>>()?;
+        let mask_bias = match parts
+            .iter()
+            .map(|p| p.mask_bias.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(biases) => Some(Tensor::cat(&biases, 0)?),
+            None if parts.iter().all(|p| p.mask_bias.is_none()) => None,
+            None => {
+                return Err(Error::Arg(
+                    "cannot concatenate text contexts with and without a mask".into(),
+                ))
+            }
+        };
+        Ok(TextContext { kv, mask_bias })
+    }
+
+    /// The same values without a graph (for no-grad passes over a context computed with one).
+    pub fn detach(&self) -> TextContext {
+        TextContext {
+            kv: self
+                .kv
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        Dual::constant(k.primal.detach()),
+                        Dual::constant(v.primal.detach()),
+                    )
+                })
+                .collect(),
+            mask_bias: self.mask_bias.as_ref().map(Tensor::detach),
+        }
+    }
+}
+
+/// The latent-side inputs of the blocks (see [`BlockInputs`]).
+struct LatentInputs {
+    hidden: Dual,
+    tmod: Dual,
+    temb: Dual,
+    grid: (usize, usize),
 }
 
 /// What every block reads, from the part of the forward before the blocks (SPEC §3.1 steps 2–4).
@@ -641,15 +745,19 @@ impl SanaTransformer2DModel {
         guidance: Option<&Tensor>,
         encoder_attention_mask: Option<&Tensor>,
     ) -> Result<Dual> {
-        let (out, _) = self.run(
-            x,
-            encoder_hidden_states,
-            timestep,
-            guidance,
-            encoder_attention_mask,
-            &[],
-            false,
-        )?;
+        let text = self.text_context(encoder_hidden_states, encoder_attention_mask)?;
+        self.forward_ctx(x, &text, timestep, guidance)
+    }
+
+    /// [`Self::forward`] over a precomputed [`TextContext`] of the prompts.
+    pub fn forward_ctx(
+        &self,
+        x: &Dual,
+        text: &TextContext,
+        timestep: &Dual,
+        guidance: Option<&Tensor>,
+    ) -> Result<Dual> {
+        let (out, _) = self.run(x, text, timestep, guidance, &[], false)?;
         Ok(out.expect("a full run produces the output"))
     }
 
@@ -664,15 +772,8 @@ impl SanaTransformer2DModel {
         encoder_attention_mask: Option<&Tensor>,
         taps: &[usize],
     ) -> Result<(Dual, Vec<Dual>)> {
-        let (out, features) = self.run(
-            x,
-            encoder_hidden_states,
-            timestep,
-            guidance,
-            encoder_attention_mask,
-            taps,
-            false,
-        )?;
+        let text = self.text_context(encoder_hidden_states, encoder_attention_mask)?;
+        let (out, features) = self.run(x, &text, timestep, guidance, taps, false)?;
         Ok((out.expect("a full run produces the output"), features))
     }
 
@@ -686,17 +787,20 @@ impl SanaTransformer2DModel {
         encoder_attention_mask: Option<&Tensor>,
         taps: &[usize],
     ) -> Result<Vec<Dual>> {
-        Ok(self
-            .run(
-                x,
-                encoder_hidden_states,
-                timestep,
-                guidance,
-                encoder_attention_mask,
-                taps,
-                true,
-            )?
-            .1)
+        let text = self.text_context(encoder_hidden_states, encoder_attention_mask)?;
+        self.block_outputs_ctx(x, &text, timestep, guidance, taps)
+    }
+
+    /// [`Self::block_outputs`] over a precomputed [`TextContext`] of the prompts.
+    pub fn block_outputs_ctx(
+        &self,
+        x: &Dual,
+        text: &TextContext,
+        timestep: &Dual,
+        guidance: Option<&Tensor>,
+        taps: &[usize],
+    ) -> Result<Vec<Dual>> {
+        Ok(self.run(x, text, timestep, guidance, taps, true)?.1)
     }
 
     /// The caption branch (constant for any JVP): caption_projection (GELU-tanh; candle's `gelu` is the tanh
@@ -729,6 +833,48 @@ impl SanaTransformer2DModel {
         timestep: &Dual,
         guidance: Option<&Tensor>,
     ) -> Result<BlockInputs> {
+        let LatentInputs {
+            hidden,
+            tmod,
+            temb,
+            grid,
+        } = self.embed_latent(x, timestep, guidance)?;
+        Ok(BlockInputs {
+            hidden,
+            caption: Dual::constant(self.caption(encoder_hidden_states)?),
+            tmod,
+            temb,
+            grid,
+        })
+    }
+
+    /// The text-side work of `forward` for prompts `encoder_hidden_states` (B, L, caption_channels) and mask
+    /// (B, L): caption projection + norm, every block's cross-attention keys and values, the mask bias.
+    pub fn text_context(
+        &self,
+        encoder_hidden_states: &Tensor,
+        encoder_attention_mask: Option<&Tensor>,
+    ) -> Result<TextContext> {
+        let caption = Dual::constant(self.caption(encoder_hidden_states)?);
+        Ok(TextContext {
+            kv: self
+                .blocks
+                .iter()
+                .map(|block| block.cross_kv(&caption))
+                .collect::<Result<_>>()?,
+            mask_bias: encoder_attention_mask
+                .map(|m| self.mask_bias(m))
+                .transpose()?,
+        })
+    }
+
+    /// Patch embedding and time embedding: the latent-side part of `forward` before the blocks.
+    fn embed_latent(
+        &self,
+        x: &Dual,
+        timestep: &Dual,
+        guidance: Option<&Tensor>,
+    ) -> Result<LatentInputs> {
         let (b, c, height, width) = x.primal.dims4()?;
         let p = self.config.patch_size;
         if c != self.config.in_channels || !height.is_multiple_of(p) || !width.is_multiple_of(p) {
@@ -761,10 +907,8 @@ impl SanaTransformer2DModel {
         let hidden = patch_embed.forward(&patches)?;
 
         let (tmod, temb) = self.time_embed(timestep, guidance)?;
-        let caption = Dual::constant(self.caption(encoder_hidden_states)?);
-        Ok(BlockInputs {
+        Ok(LatentInputs {
             hidden,
-            caption,
             tmod,
             temb,
             grid: (gh, gw),
@@ -803,10 +947,9 @@ impl SanaTransformer2DModel {
     fn run(
         &self,
         x: &Dual,
-        encoder_hidden_states: &Tensor,
+        text: &TextContext,
         timestep: &Dual,
         guidance: Option<&Tensor>,
-        encoder_attention_mask: Option<&Tensor>,
         taps: &[usize],
         stop_after_taps: bool,
     ) -> Result<(Option<Dual>, Vec<Dual>)> {
@@ -816,24 +959,27 @@ impl SanaTransformer2DModel {
                 self.blocks.len()
             )));
         }
-        let BlockInputs {
+        if text.kv.len() != self.blocks.len() {
+            return Err(Error::Arg(format!(
+                "text context has {} blocks, the model {}",
+                text.kv.len(),
+                self.blocks.len()
+            )));
+        }
+        let LatentInputs {
             mut hidden,
-            caption,
             tmod,
             temb,
             grid: (gh, gw),
-        } = self.embed(x, encoder_hidden_states, timestep, guidance)?;
-        let mask_bias = encoder_attention_mask
-            .map(|m| self.mask_bias(m))
-            .transpose()?;
+        } = self.embed_latent(x, timestep, guidance)?;
 
         let last_tap = taps.iter().copied().max();
         let mut tapped: Vec<(usize, Dual)> = Vec::with_capacity(taps.len());
-        for (i, block) in self.blocks.iter().enumerate() {
-            hidden = block.forward(
+        for (i, (block, kv)) in self.blocks.iter().zip(&text.kv).enumerate() {
+            hidden = block.forward_kv(
                 &hidden,
-                &caption,
-                mask_bias.as_ref(),
+                kv,
+                text.mask_bias.as_ref(),
                 &tmod,
                 gh,
                 gw,

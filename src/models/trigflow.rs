@@ -9,7 +9,7 @@
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 
-use crate::models::sana::SanaTransformer2DModel;
+use crate::models::sana::{SanaTransformer2DModel, TextContext};
 use crate::nn::checkpoint::Recompute;
 use crate::nn::dual::{compute_dtype, Dual, Linear};
 use crate::Result;
@@ -85,6 +85,20 @@ impl SanaTrigFlow {
         guidance: Option<&Tensor>,
         encoder_attention_mask: Option<&Tensor>,
     ) -> Result<Dual> {
+        let text = self
+            .transformer
+            .text_context(encoder_hidden_states, encoder_attention_mask)?;
+        self.forward_ctx(x, &text, t, guidance)
+    }
+
+    /// [`Self::forward`] over a precomputed [`TextContext`] of the prompts (shared by the passes of a step).
+    pub fn forward_ctx(
+        &self,
+        x: &Dual,
+        text: &TextContext,
+        t: &Dual,
+        guidance: Option<&Tensor>,
+    ) -> Result<Dual> {
         let b = x.dims()[0];
         let cdt = compute_dtype(x.dtype());
         let (tau, rho) = flow_time(t)?;
@@ -95,15 +109,19 @@ impl SanaTrigFlow {
         let x_in = x.to_dtype(cdt)?.mul(&rho4)?;
         let v = self
             .transformer
-            .forward(
-                &x_in,
-                encoder_hidden_states,
-                &tau,
-                guidance,
-                encoder_attention_mask,
-            )?
+            .forward_ctx(&x_in, text, &tau, guidance)?
             .to_dtype(cdt)?;
         trigflow_output(&x_in, &v, &tau4, &rho4)
+    }
+
+    /// The text-side work of the backbone for these prompts (see [`TextContext`]).
+    pub fn text_context(
+        &self,
+        encoder_hidden_states: &Tensor,
+        encoder_attention_mask: Option<&Tensor>,
+    ) -> Result<TextContext> {
+        self.transformer
+            .text_context(encoder_hidden_states, encoder_attention_mask)
     }
 
     /// `forward` for constant inputs (no tangents, no gradient with respect to x, t or the prompt) with
@@ -224,17 +242,31 @@ impl SanaTrigFlow {
         encoder_attention_mask: Option<&Tensor>,
         taps: &[usize],
     ) -> Result<Vec<Tensor>> {
+        let text = self
+            .transformer
+            .text_context(encoder_hidden_states, encoder_attention_mask)?;
+        self.block_outputs_ctx(x, &text, t, guidance, taps)
+    }
+
+    /// [`Self::block_outputs`] over a precomputed [`TextContext`] of the prompts.
+    pub fn block_outputs_ctx(
+        &self,
+        x: &Tensor,
+        text: &TextContext,
+        t: &Tensor,
+        guidance: Option<&Tensor>,
+        taps: &[usize],
+    ) -> Result<Vec<Tensor>> {
         let b = x.dim(0)?;
         let (tau, rho) = flow_time(&Dual::constant(t.clone()))?;
         let cdt = compute_dtype(x.dtype());
         let rho = rho.primal.reshape((b, 1, 1, 1))?.to_dtype(cdt)?;
         let x_in = x.to_dtype(cdt)?.broadcast_mul(&rho)?;
-        let features = self.transformer.block_outputs(
+        let features = self.transformer.block_outputs_ctx(
             &Dual::constant(x_in),
-            encoder_hidden_states,
+            text,
             &tau,
             guidance,
-            encoder_attention_mask,
             taps,
         )?;
         Ok(features.into_iter().map(|f| f.primal).collect())

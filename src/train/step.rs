@@ -9,6 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::models::discriminator::{self, DiscHeads, Mode};
+use crate::models::sana::TextContext;
 use crate::models::trigflow::SanaTrigFlow;
 use crate::nn::checkpoint::Recompute;
 use crate::nn::dual::Dual;
@@ -297,38 +298,41 @@ fn replace_where(t: &Tensor, uniform: &Tensor, prob: f64, value: f64) -> Result<
     Ok(take.where_cond(&t.ones_like()?.affine(0.0, value)?, t)?)
 }
 
-/// A student pass with graph, F (B, C, H, W) f32; with checkpointing the blocks' activations are dropped and a
-/// leaf stands in for F until [`PendingRecompute::finish`].
+/// A student pass with graph, F (B, C, H, W) f32, over the student's shared text context; without one
+/// (gradient checkpointing) the blocks' activations are dropped and a leaf stands in for F until
+/// [`PendingRecompute::finish`].
 fn student_pass(
     m: &Models,
     x: &Tensor,
     t: &Tensor,
     batch: &Batch,
+    text: Option<&TextContext>,
     guidance: &Tensor,
     pending: &mut PendingRecompute,
 ) -> Result<Tensor> {
-    if m.gradient_checkpointing {
-        let (f, recompute) = m.student.forward_checkpointed(
-            x,
-            &batch.prompt_embeds,
-            t,
-            Some(guidance),
-            Some(&batch.prompt_mask),
-        )?;
-        let leaf = Var::from_tensor(&f)?;
-        let f = leaf.as_tensor().clone();
-        pending.0.push((leaf, recompute));
-        Ok(f)
-    } else {
-        Ok(m.student
-            .forward(
+    match text {
+        Some(text) => Ok(m
+            .student
+            .forward_ctx(
                 &Dual::constant(x.clone()),
-                &batch.prompt_embeds,
+                text,
                 &Dual::constant(t.clone()),
                 Some(guidance),
-                Some(&batch.prompt_mask),
             )?
-            .primal)
+            .primal),
+        None => {
+            let (f, recompute) = m.student.forward_checkpointed(
+                x,
+                &batch.prompt_embeds,
+                t,
+                Some(guidance),
+                Some(&batch.prompt_mask),
+            )?;
+            let leaf = Var::from_tensor(&f)?;
+            let f = leaf.as_tensor().clone();
+            pending.0.push((leaf, recompute));
+            Ok(f)
+        }
     }
 }
 
@@ -350,15 +354,36 @@ pub fn generator_loss(
     let guidance = w.affine(s.guidance_embeds_scale, 0.0)?;
     let x_hat = x_t.affine(1.0 / sd, 0.0)?;
 
+    // the text-side work of each model, once for every pass over the same prompts
+    let teacher_text = m
+        .teacher
+        .text_context(&batch.prompt_embeds, Some(&batch.prompt_mask))?;
+    let teacher_neg = m
+        .teacher
+        .text_context(&batch.neg_embeds, Some(&batch.neg_mask))?;
+    let student_text = if m.gradient_checkpointing {
+        None
+    } else {
+        Some(
+            m.student
+                .text_context(&batch.prompt_embeds, Some(&batch.prompt_mask))?,
+        )
+    };
+    let jvp_text = match &student_text {
+        Some(text) => text.detach(),
+        None => m
+            .student_frozen
+            .text_context(&batch.prompt_embeds, Some(&batch.prompt_mask))?,
+    };
+
     // 1. teacher CFG velocity (unconditional half first)
     let f_teacher = m
         .teacher
-        .forward(
+        .forward_ctx(
             &Dual::constant(Tensor::cat(&[&x_hat, &x_hat], 0)?),
-            &Tensor::cat(&[&batch.neg_embeds, &batch.prompt_embeds], 0)?,
+            &TextContext::cat(&[&teacher_neg, &teacher_text])?,
             &Dual::constant(Tensor::cat(&[&t, &t], 0)?),
             None,
-            Some(&Tensor::cat(&[&batch.neg_mask, &batch.prompt_mask], 0)?),
         )?
         .primal
         .affine(sd, 0.0)?;
@@ -373,18 +398,25 @@ pub fn generator_loss(
         .affine(1.0 / sd, 0.0)?;
     let df = m
         .student_frozen
-        .forward(
+        .forward_ctx(
             &Dual::with_tangent(x_hat.clone(), v_x),
-            &batch.prompt_embeds,
+            &jvp_text,
             &Dual::with_tangent(t.clone(), cos_sin.clone()),
             Some(&guidance),
-            Some(&batch.prompt_mask),
         )?
         .tangent_or_zeros()?;
 
     // 4. student with graph, logvar head
     let mut pending = PendingRecompute::default();
-    let f = student_pass(m, &x_hat, &t, batch, &guidance, &mut pending)?;
+    let f = student_pass(
+        m,
+        &x_hat,
+        &t,
+        batch,
+        student_text.as_ref(),
+        &guidance,
+        &mut pending,
+    )?;
     let logvar = m.student.logvar(&t, Some(&guidance))?;
 
     // 5–9. tangent, normalisation, weighted sCM loss
@@ -412,6 +444,7 @@ pub fn generator_loss(
                 &x_prime.affine(1.0 / sd, 0.0)?,
                 &t_prime,
                 batch,
+                student_text.as_ref(),
                 &guidance,
                 &mut pending,
             )?;
@@ -423,12 +456,11 @@ pub fn generator_loss(
     // 11. adversarial generator loss through the frozen teacher trunk and the heads (eval mode)
     let t_d = s.disc_sampler.timesteps(&draws.t_d_normal)?;
     let x_d = trig_mix(&t_d, &x0_pred, &draws.noise_d.affine(sd, 0.0)?)?;
-    let logits = discriminator::logits(
+    let logits = discriminator::logits_ctx(
         m.teacher,
         &x_d.affine(1.0 / sd, 0.0)?,
         &t_d,
-        &batch.prompt_embeds,
-        Some(&batch.prompt_mask),
+        &teacher_text,
         m.heads,
         Mode::Eval,
     )?;
@@ -475,14 +507,16 @@ pub fn discriminator_loss(
         )?;
         x_t = trig_mix(&t, x0, &largest.noise.affine(sd, 0.0)?)?;
     }
+    let student_text = m
+        .student_frozen
+        .text_context(&batch.prompt_embeds, Some(&batch.prompt_mask))?;
     let f = m
         .student_frozen
-        .forward(
+        .forward_ctx(
             &Dual::constant(x_t.affine(1.0 / sd, 0.0)?),
-            &batch.prompt_embeds,
+            &student_text,
             &Dual::constant(t.clone()),
             Some(&guidance),
-            Some(&batch.prompt_mask),
         )?
         .primal;
     let x0_fake = predict_x0(&t, &x_t, &f, sd)?;
@@ -490,7 +524,10 @@ pub fn discriminator_loss(
     let t_d = s.disc_sampler.timesteps(&draws.t_d_normal)?;
     let x_fake = trig_mix(&t_d, &x0_fake, &draws.noise_fake.affine(sd, 0.0)?)?;
     let x_real = trig_mix(&t_d, x0, &draws.noise_real.affine(sd, 0.0)?)?;
-    let (fake, fake_t, fake_y, fake_mask) = match &draws.shift {
+    let teacher_text = m
+        .teacher
+        .text_context(&batch.prompt_embeds, Some(&batch.prompt_mask))?;
+    let (fake, fake_t, fake_text) = match &draws.shift {
         Some((t_shift_normal, noise_shift)) => {
             let b = x0.dim(0)?;
             // sample i is paired with the image of sample i − 1
@@ -500,32 +537,24 @@ pub fn discriminator_loss(
             (
                 Tensor::cat(&[&x_fake, &x_shift], 0)?,
                 Tensor::cat(&[&t_d, &t_shift], 0)?,
-                Tensor::cat(&[&batch.prompt_embeds, &batch.prompt_embeds], 0)?,
-                Tensor::cat(&[&batch.prompt_mask, &batch.prompt_mask], 0)?,
+                TextContext::cat(&[&teacher_text, &teacher_text])?,
             )
         }
-        None => (
-            x_fake,
-            t_d.clone(),
-            batch.prompt_embeds.clone(),
-            batch.prompt_mask.clone(),
-        ),
+        None => (x_fake, t_d.clone(), teacher_text.clone()),
     };
-    let logits_fake = discriminator::logits(
+    let logits_fake = discriminator::logits_ctx(
         m.teacher,
         &fake.affine(1.0 / sd, 0.0)?,
         &fake_t,
-        &fake_y,
-        Some(&fake_mask),
+        &fake_text,
         m.heads,
         Mode::Train,
     )?;
-    let logits_real = discriminator::logits(
+    let logits_real = discriminator::logits_ctx(
         m.teacher,
         &x_real.affine(1.0 / sd, 0.0)?,
         &t_d,
-        &batch.prompt_embeds,
-        Some(&batch.prompt_mask),
+        &teacher_text,
         m.heads,
         Mode::Train,
     )?;
