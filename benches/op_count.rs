@@ -72,6 +72,7 @@ fn main() {
             student_frozen: &frozen,
             heads: &heads,
             gradient_checkpointing: checkpointing,
+            teacher_negative: None,
         };
         let mut draw_rng = InitRng::new(5);
         let g = GeneratorDraws::sample(&mut draw_rng, &[b, 32, h, h], &settings, &dev).unwrap();

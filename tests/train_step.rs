@@ -234,6 +234,7 @@ fn generator_step_matches_reference() {
         student_frozen: &frozen,
         heads: &heads,
         gradient_checkpointing: false,
+        teacher_negative: None,
     };
     let draws = GeneratorDraws {
         noise: fx.get("g.noise"),
@@ -315,6 +316,7 @@ fn models_ref<'a>(m: &Models<'a>) -> Models<'a> {
         student_frozen: m.student_frozen,
         heads: m.heads,
         gradient_checkpointing: m.gradient_checkpointing,
+        teacher_negative: m.teacher_negative,
     }
 }
 
@@ -332,6 +334,7 @@ fn discriminator_step_matches_reference() {
         student_frozen: &frozen,
         heads: &heads,
         gradient_checkpointing: false,
+        teacher_negative: None,
     };
     let draws = DiscriminatorDraws {
         noise: fx.get("d.noise"),

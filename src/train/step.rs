@@ -232,6 +232,9 @@ pub struct Models<'a> {
     pub heads: &'a DiscHeads,
     /// Recompute student blocks in backward instead of keeping their activations.
     pub gradient_checkpointing: bool,
+    /// The teacher's text context of the batch's negative embeddings, if precomputed: it is the same for every
+    /// step of a run.
+    pub teacher_negative: Option<&'a TextContext>,
 }
 
 /// Student outputs whose gradients still have to be pushed through recomputed blocks after `backward`.
@@ -358,9 +361,12 @@ pub fn generator_loss(
     let teacher_text = m
         .teacher
         .text_context(&batch.prompt_embeds, Some(&batch.prompt_mask))?;
-    let teacher_neg = m
-        .teacher
-        .text_context(&batch.neg_embeds, Some(&batch.neg_mask))?;
+    let teacher_neg = match m.teacher_negative {
+        Some(neg) if neg.batch() == x0.dim(0)? => neg.clone(),
+        _ => m
+            .teacher
+            .text_context(&batch.neg_embeds, Some(&batch.neg_mask))?,
+    };
     let student_text = if m.gradient_checkpointing {
         None
     } else {

@@ -559,6 +559,7 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
     };
     bar.set_position(state.global_step);
 
+    let teacher_negative = teacher.text_context(&neg_embeds, Some(&neg_mask))?;
     let mut compute = student.compute_models(dtype)?;
     let mut acc = GradStore::default();
     let mut micro = 0usize;
@@ -587,6 +588,7 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
             student_frozen: &compute.1,
             heads: &heads,
             gradient_checkpointing: opts.gradient_checkpointing,
+            teacher_negative: Some(&teacher_negative),
         };
         let poison = opts.inject_nan_batches.contains(&state.batches_consumed);
         let scale = 1.0 / opts.gradient_accumulation_steps as f64;
