@@ -518,41 +518,155 @@ pub fn depthwise_conv2d_channels_last(
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Dual> {
-    let (c, _, kh, kw) = weight.dims4()?;
-    let (ph, pw) = (kh / 2, kw / 2);
-    // one row of per-channel weights per tap
-    let taps = weight.reshape((c, kh * kw))?.t()?.contiguous()?;
+    let (_, _, kh, kw) = weight.dims4()?;
+    let taps = conv_taps(weight)?;
     let conv = |t: &Tensor| -> Result<Tensor> {
-        let (b, h, w, _) = t.dims4()?;
-        let row = w + 2 * pw;
-        let padded = t
-            .pad_with_zeros(2, pw, pw)?
-            .pad_with_zeros(1, ph, ph)?
-            .reshape((b, (h + 2 * ph) * row, c))?;
-        // output (y, x) sits at flat position y·row + x and reads padded[y·row + x + dy·row + dx]
-        let len = (h - 1) * row + w;
-        let mut acc: Option<Tensor> = None;
-        for dy in 0..kh {
-            for dx in 0..kw {
-                let term = padded
-                    .narrow(1, dy * row + dx, len)?
-                    .broadcast_mul(&taps.get(dy * kw + dx)?)?;
-                acc = Some(match acc {
-                    Some(a) => (a + term)?,
-                    None => term,
-                });
-            }
+        if t.track_op() || weight.track_op() {
+            // computed without a graph, then given its gradient by a custom backward: the graph keeps the input
+            // and one output-sized copy instead of the k² shifted products and partial sums (17 activation-sized
+            // tensors for a 3×3 kernel, the largest activations of a SANA block)
+            let value = shifted_sum_conv(&t.detach(), &taps.detach(), kh, kw)?;
+            value.apply_op3(t, weight, DepthwiseConvBackward { kh, kw })
+        } else {
+            shifted_sum_conv(t, &taps, kh, kw)
         }
-        acc.expect("kernel has at least one tap")
-            .pad_with_zeros(1, 0, row - w)?
-            .reshape((b, h, row, c))?
-            .narrow(2, 0, w)
     };
     let mut y = x.map(conv)?;
     if let Some(b) = bias {
         y.primal = y.primal.broadcast_add(b)?;
     }
     Ok(y)
+}
+
+/// Per-tap rows of per-channel weights (kh·kw, C) of a depthwise weight (C, 1, kh, kw).
+fn conv_taps(weight: &Tensor) -> Result<Tensor> {
+    let (c, _, kh, kw) = weight.dims4()?;
+    weight.reshape((c, kh * kw))?.t()?.contiguous()
+}
+
+/// The zero-padded input (B, (H+2p)·(W+2p), C) flattened to rows of W+2p tokens, the row length, and the number
+/// of flat output positions (output (y, x) sits at y·row + x).
+fn padded_rows(t: &Tensor, kh: usize, kw: usize) -> Result<(Tensor, usize, usize)> {
+    let (b, h, w, c) = t.dims4()?;
+    let (ph, pw) = (kh / 2, kw / 2);
+    let row = w + 2 * pw;
+    let padded = t
+        .pad_with_zeros(2, pw, pw)?
+        .pad_with_zeros(1, ph, ph)?
+        .reshape((b, (h + 2 * ph) * row, c))?;
+    Ok((padded, row, (h - 1) * row + w))
+}
+
+/// Depthwise conv of channels-last t (B, H, W, C) with taps (kh·kw, C) as k² shifted contiguous slices.
+fn shifted_sum_conv(t: &Tensor, taps: &Tensor, kh: usize, kw: usize) -> Result<Tensor> {
+    let (b, h, w, c) = t.dims4()?;
+    let (padded, row, len) = padded_rows(t, kh, kw)?;
+    let mut acc: Option<Tensor> = None;
+    for dy in 0..kh {
+        for dx in 0..kw {
+            // output (y, x) reads padded[y·row + x + dy·row + dx]
+            let term = padded
+                .narrow(1, dy * row + dx, len)?
+                .broadcast_mul(&taps.get(dy * kw + dx)?)?;
+            acc = Some(match acc {
+                Some(a) => (a + term)?,
+                None => term,
+            });
+        }
+    }
+    acc.expect("kernel has at least one tap")
+        .pad_with_zeros(1, 0, row - w)?
+        .reshape((b, h, row, c))?
+        .narrow(2, 0, w)
+}
+
+/// Identity on the precomputed conv output (arg 1) whose backward gives the conv's input (arg 2) and weight
+/// (arg 3) their gradients: dx = conv(dy, flipped kernel), dw[c, i, j] = Σ x_pad[·, y+i, x+j, c]·dy[·, y, x, c].
+struct DepthwiseConvBackward {
+    kh: usize,
+    kw: usize,
+}
+
+impl DepthwiseConvBackward {
+    fn copy<S>(s: &S, l: &candle_core::Layout) -> Result<(S, Shape)>
+    where
+        S: candle_core::backend::BackendStorage,
+        S::Device: candle_core::backend::BackendDevice<Storage = S>,
+    {
+        use candle_core::backend::BackendDevice;
+        let mut dst = s.device().zeros_impl(l.shape(), s.dtype())?;
+        s.copy_strided_src(&mut dst, 0, l)?;
+        Ok((dst, l.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp3 for DepthwiseConvBackward {
+    fn name(&self) -> &'static str {
+        "depthwise-conv-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        Self::copy(s1, l1)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::copy(s1, l1)
+    }
+
+    fn bwd(
+        &self,
+        _value: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (kh, kw) = (self.kh, self.kw);
+        let (x, g) = (x.detach(), grad.detach().to_dtype(x.dtype())?);
+        let taps = conv_taps(&weight.detach())?;
+        // the kernel flipped in both spatial dims = the tap rows in reverse order
+        let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
+        let flipped = taps.index_select(&Tensor::new(reversed, taps.device())?, 0)?;
+        let grad_x = shifted_sum_conv(&g, &flipped, kh, kw)?;
+
+        let (b, h, w, c) = x.dims4()?;
+        let (padded, row, len) = padded_rows(&x, kh, kw)?;
+        let g_rows = g
+            .pad_with_zeros(2, 0, row - w)?
+            .reshape((b, h * row, c))?
+            .narrow(1, 0, len)?;
+        let per_tap = (0..kh * kw)
+            .map(|k| {
+                let (dy, dx) = (k / kw, k % kw);
+                padded
+                    .narrow(1, dy * row + dx, len)?
+                    .mul(&g_rows)?
+                    .sum((0, 1))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grad_w = Tensor::stack(&per_tap, 0)?
+            .t()?
+            .reshape((c, 1, kh, kw))?
+            .to_dtype(weight.dtype())?;
+        Ok((None, Some(grad_x), Some(grad_w)))
+    }
 }
 
 /// diffusers `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`: (B,) → (B, dim)
@@ -652,6 +766,48 @@ mod tests {
             let (q, k, v) = split(x)?;
             softmax_attention(&q, &k, &v, 0.5, None)
         })?;
+        Ok(())
+    }
+
+    #[test]
+    fn depthwise_conv_custom_backward_matches_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        for (kh, shape) in [
+            (3usize, (2usize, 5usize, 4usize, 6usize)),
+            (5, (1, 3, 7, 2)),
+        ] {
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1., shape, &dev)?)?;
+            let w = candle_core::Var::from_tensor(&Tensor::randn(
+                0f64,
+                1.,
+                (shape.3, 1, kh, kh),
+                &dev,
+            )?)?;
+            let cot = Tensor::randn(0f64, 1., shape, &dev)?;
+            let fused = depthwise_conv2d_channels_last(
+                &Dual::constant(x.as_tensor().clone()),
+                w.as_tensor(),
+                None,
+            )?;
+            let plain = shifted_sum_conv(x.as_tensor(), &conv_taps(w.as_tensor())?, kh, kh)?;
+            assert!(
+                (&fused.primal - &plain)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f64>()?
+                    < 1e-12
+            );
+            let g_fused = (fused.primal * &cot)?.sum_all()?.backward()?;
+            let g_plain = (plain * &cot)?.sum_all()?.backward()?;
+            for v in [&x, &w] {
+                let (a, b) = (
+                    g_fused.get(v.as_tensor()).unwrap(),
+                    g_plain.get(v.as_tensor()).unwrap(),
+                );
+                let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err < 1e-10, "kernel {kh}: gradient differs by {err}");
+            }
+        }
         Ok(())
     }
 
