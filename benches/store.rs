@@ -1,20 +1,25 @@
 //! Store economy: bytes per sample and read speed of the latent store under candidate Lance encodings, on
-//! samples shaped like the real 1024 px data (latent 32×32×32 f32, prompt 300×2304 f16 from bf16 values).
+//! samples shaped like the real 1024 px data (latent 32×32×32 f32, prompt 120–300 tokens × 2304 f16 from bf16
+//! values).
 //!
-//! Then the trainer's loader on the default encoding: shuffled samples/s against the sequential read rate of
-//! the same files measured in the same run.
+//! Then the trainer's loader on the default and the plain encodings: where a shuffled batch's time goes (Lance
+//! read of a row, assembly), and shuffled samples/s against the sequential read rate of the same files measured
+//! in the same run.
 //!
-//! `cargo bench --profile dev --bench store [-- ROWS]` (default 64 rows). Prints tables; never fails on speed.
+//! `cargo bench --profile dev --bench store [-- ROWS] [--loader-only]` (default 64 rows; `--loader-only` keeps
+//! only the loader's two encodings). Prints tables; never fails on speed.
 //! The latents are smooth fields plus noise (like VAE latents, unlike white noise); the embeddings are Gaussian
 //! values rounded to bf16 first, as Gemma in bf16 produces them.
 
 use std::time::Instant;
 
-use sana_sprint::train::loader::{LoaderOptions, LoaderPosition, StoreLoader};
+use sana_sprint::train::loader::{
+    assemble_stored, epoch_permutation, LoaderOptions, LoaderPosition, StoreLoader,
+};
 
 use sana_sprint::store::{
     FloatEncoding, LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo,
-    StoreConfig, StoreDType, StoreWriter,
+    StoreConfig, StoreDType, StoreWriter, StoredRow,
 };
 
 struct Lcg(u64);
@@ -104,6 +109,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(64);
+    let loader_only = std::env::args().any(|a| a == "--loader-only");
     let data = rows(n);
     let mean_len = data.iter().map(|r| r.prompt_len as f64).sum::<f64>() / n as f64;
     let raw_f16 = 2.0 * (32.0 * 32.0 * 32.0 + mean_len * 2304.0);
@@ -144,9 +150,14 @@ fn main() {
             enc(Some(3), true),
         ),
     ] {
+        let is_default = encoding == FloatEncoding::default() && latent == StoreDType::Float32;
+        // The loader also runs on the plain store: what zstd's per-mini-block decode costs it.
+        let with_loader = is_default || name == "latent f32, plain";
+        if loader_only && !with_loader {
+            continue;
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bench.lance");
-        let is_default = encoding == FloatEncoding::default() && latent == StoreDType::Float32;
         let t = Instant::now();
         let mut w = StoreWriter::open(
             &path,
@@ -169,7 +180,8 @@ fn main() {
             "{name:<34} {bytes:>12.0} {:>8.3}x {write_s:>12.2} {read:>12.1}",
             bytes / raw_f16
         );
-        if is_default {
+        if with_loader {
+            read_path_breakdown(&store, n);
             loader_throughput(&path, n);
         }
     }
@@ -188,7 +200,8 @@ fn read_files(dir: &std::path::Path) -> u64 {
     total
 }
 
-/// Samples/s of the shuffled, prefetched loader vs the sequential read rate of the store's files.
+/// Samples/s (and CPU time per sample) of the shuffled, prefetched loader vs the sequential read rate of the
+/// store's files.
 fn loader_throughput(path: &std::path::Path, n: usize) {
     let t = Instant::now();
     let bytes = read_files(path);
@@ -206,6 +219,7 @@ fn loader_throughput(path: &std::path::Path, n: usize) {
             prefetch: 4,
             sigma_data: 0.5,
         };
+        let cpu = cpu_seconds();
         let mut loader = StoreLoader::start(path, &opts, LoaderPosition::default()).unwrap();
         let batches = 2 * loader.batches_per_epoch() as usize;
         let t = Instant::now();
@@ -213,10 +227,62 @@ fn loader_throughput(path: &std::path::Path, n: usize) {
             loader.next_batch().unwrap();
         }
         let sps = (batches * batch_size) as f64 / t.elapsed().as_secs_f64();
+        let cpu_ms = 1e3 * (cpu_seconds() - cpu) / (batches * batch_size) as f64;
         println!(
-            "  loader, shuffled, batch {batch_size}: {sps:.1} samples/s = {:.0} MB/s of store ({:.0}% of sequential)",
+            "  loader, shuffled, batch {batch_size}: {sps:.1} samples/s = {:.0} MB/s of store ({:.0}% of sequential), {cpu_ms:.2} CPU ms/sample",
             sps * per_sample / 1e6,
             100.0 * sps * per_sample / 1e6 / seq
         );
     }
+}
+
+/// Where a shuffled batch's time goes, in means over one shuffled epoch: the Lance read of one row alone, a
+/// batch of 4 rows read concurrently, and assembling them into a training batch (f32 conversion, padding).
+fn read_path_breakdown(store: &LatentStore, n: usize) {
+    let reader = store.row_reader();
+    let rt = store.runtime();
+    let perm = epoch_permutation(n, 1, 0);
+    let ms = |t: Instant, k: usize| 1e3 * t.elapsed().as_secs_f64() / k as f64;
+    let t = Instant::now();
+    for &o in &perm {
+        rt.block_on(reader.row(o)).unwrap();
+    }
+    println!(
+        "  read path: one row alone (Lance take): {:.2} ms/row",
+        ms(t, n)
+    );
+    let batches: Vec<&[u64]> = perm.chunks_exact(4).collect();
+    let t = Instant::now();
+    let rows: Vec<Vec<StoredRow>> = batches
+        .iter()
+        .map(|b| store.take_stored(b).unwrap())
+        .collect();
+    println!(
+        "  read path: 4 rows read concurrently: {:.2} ms/batch",
+        ms(t, batches.len())
+    );
+    let cfg = store.config().clone();
+    let t = Instant::now();
+    for r in rows {
+        assemble_stored(r, &cfg, 0.5, LoaderPosition::default()).unwrap();
+    }
+    println!(
+        "  read path: assembling 4 rows into a batch: {:.2} ms/batch",
+        ms(t, batches.len())
+    );
+}
+
+/// CPU time (user + system, all threads) of this process so far, from /proc/self/stat in 1/100 s ticks (Linux;
+/// 0 elsewhere): the loader's CPU cost per sample, which the other loads on a shared machine blur less than
+/// its wall-clock rate.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
 }

@@ -220,6 +220,86 @@ fn large_rows_come_back_exactly_in_multi_row_batches() {
     }
 }
 
+/// Read-ahead changes how rows are fetched, never what is yielded: the batches are exactly the epoch
+/// permutation's slices, in order, whatever the prefetch depth.
+#[test]
+fn batches_are_the_permutation_in_order_whatever_the_prefetch() {
+    let d = tempfile::tempdir().unwrap();
+    let path = make_store(d.path(), 13);
+    let run = |prefetch: usize| -> Vec<(LoaderPosition, Vec<String>, Vec<f32>)> {
+        let o = LoaderOptions {
+            prefetch,
+            ..opts(2, 9, true)
+        };
+        let mut l = StoreLoader::start(&path, &o, LoaderPosition::default()).unwrap();
+        (0..15)
+            .map(|_| {
+                let b = l.next_batch().unwrap();
+                (b.position, b.ids, b.prompt_embeds)
+            })
+            .collect()
+    };
+    let one = run(1);
+    assert_eq!(one, run(8));
+    for (k, (pos, ids, _)) in one.iter().enumerate() {
+        let (epoch, batch) = (k as u64 / 6, k as u64 % 6);
+        assert_eq!(*pos, LoaderPosition { epoch, batch });
+        let perm = epoch_permutation(13, 9, epoch);
+        let want: Vec<usize> = perm[batch as usize * 2..batch as usize * 2 + 2]
+            .iter()
+            .map(|&i| i as usize)
+            .collect();
+        assert_eq!(ids.iter().map(|i| index_of(i)).collect::<Vec<_>>(), want);
+    }
+}
+
+/// A float16 store (both columns): values come back exact through the bulk f16 → f32 conversion.
+#[test]
+fn float16_columns_come_back_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("h.lance");
+    let mut cfg = config();
+    cfg.latent_dtype = StoreDType::Float16;
+    cfg.embed_dtype = StoreDType::Float16;
+    // Integers below 2048 and halves are exact in f16.
+    let half_row = |i: usize| LatentRow {
+        latent: (0..8).map(|k| (i * 10 + k) as f32 * 0.5).collect(),
+        prompt_embeds: (0..(1 + i % L) * D)
+            .map(|k| -((i * 100 + k) as f32))
+            .collect(),
+        ..row(i)
+    };
+    let mut w = StoreWriter::open(
+        &path,
+        cfg,
+        OpenMode::CreateOrAppend,
+        FloatEncoding::default(),
+    )
+    .unwrap();
+    for i in 0..5 {
+        w.push(half_row(i));
+    }
+    w.commit().unwrap();
+    let mut loader =
+        StoreLoader::start(&path, &opts(5, 3, true), LoaderPosition::default()).unwrap();
+    let b = loader.next_batch().unwrap();
+    for (k, id) in b.ids.iter().enumerate() {
+        let want = half_row(index_of(id));
+        let x0: Vec<f32> = want.latent.iter().map(|v| v * (0.41407f32 * 0.5)).collect();
+        assert_eq!(&b.x0[k * 8..(k + 1) * 8], &x0[..]);
+        let len = want.prompt_len as usize;
+        assert_eq!(
+            &b.prompt_embeds[k * L * D..k * L * D + len * D],
+            &want.prompt_embeds[..]
+        );
+        assert!(b.prompt_embeds[k * L * D + len * D..(k + 1) * L * D]
+            .iter()
+            .all(|&v| v == 0.0));
+    }
+    let back = LatentStore::open(&path).unwrap().take(&[3, 0]).unwrap();
+    assert_eq!(back, vec![half_row(3), half_row(0)]);
+}
+
 #[test]
 fn unknown_format_version_is_refused() {
     let d = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use arrow_array::{
     Array, ArrayRef, FixedSizeListArray, Float16Array, Float32Array, Int32Array, ListArray,
     RecordBatch, RecordBatchIterator, StringArray,
 };
-use arrow_buffer::OffsetBuffer;
+use arrow_buffer::{OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use base64::Engine;
 use futures::TryStreamExt;
@@ -311,11 +311,24 @@ fn uri(path: &Path) -> String {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
+    runtime_with(2)
+}
+
+fn runtime_with(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(worker_threads)
         .enable_all()
         .build()
         .map_err(|e| Error::io("tokio runtime", e))
+}
+
+/// Lance decodes on the runtime's workers, so a reader gets one per core (the loader is decode-bound).
+fn reader_runtime() -> Result<tokio::runtime::Runtime> {
+    runtime_with(
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(2),
+    )
 }
 
 /// Reads the `sprint.config` of an open dataset, refusing unknown format versions.
@@ -500,7 +513,7 @@ impl LatentStore {
                 hint: "create it with sprint-prep --output <path>".into(),
             });
         }
-        let rt = runtime()?;
+        let rt = reader_runtime()?;
         let dataset = rt.block_on(Dataset::open(&uri(path)))?;
         let config = read_config(path, &dataset)?;
         Ok(Self {
@@ -509,6 +522,20 @@ impl LatentStore {
             dataset,
             config,
         })
+    }
+
+    /// The runtime the store reads on (one worker per core); [`RowReader`] futures run on it.
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+
+    /// A cheap, cloneable handle that reads single rows concurrently (the loader's read path).
+    pub fn row_reader(&self) -> RowReader {
+        RowReader {
+            path: Arc::from(self.path.as_path()),
+            dataset: self.dataset.clone(),
+            projection: Arc::new(self.dataset.schema().clone()),
+        }
     }
 
     pub fn config(&self) -> &StoreConfig {
@@ -551,28 +578,30 @@ impl LatentStore {
         })?;
         let mut rows = Vec::new();
         for b in &batches {
-            rows.extend(rows_from_batch(&self.path, b)?);
+            rows.extend(
+                stored_rows(&self.path, b)?
+                    .into_iter()
+                    .map(StoredRow::into_latent_row),
+            );
         }
         Ok(rows)
     }
 
-    /// The rows at the given offsets, in the order given.
-    ///
-    /// One Lance `take` per row, run concurrently: a multi-row take over list columns whose rows span several
-    /// mini-block chunks (every real-size row does) trips an assertion in lance-encoding 14
-    /// (lance-format/lance#8558).
+    /// The rows at the given offsets, in the order given, converted to f32.
     pub fn take(&self, offsets: &[u64]) -> Result<Vec<LatentRow>> {
-        let schema = Arc::new(self.dataset.schema().clone());
-        let batches = self.rt.block_on(futures::future::try_join_all(
-            offsets
-                .iter()
-                .map(|o| self.dataset.take(std::slice::from_ref(o), schema.clone())),
-        ))?;
-        let mut rows = Vec::with_capacity(offsets.len());
-        for b in &batches {
-            rows.extend(rows_from_batch(&self.path, b)?);
-        }
-        Ok(rows)
+        Ok(self
+            .take_stored(offsets)?
+            .into_iter()
+            .map(StoredRow::into_latent_row)
+            .collect())
+    }
+
+    /// The rows at the given offsets, in the order given, as stored (no conversion, no copy).
+    pub fn take_stored(&self, offsets: &[u64]) -> Result<Vec<StoredRow>> {
+        let reader = self.row_reader();
+        self.rt.block_on(futures::future::try_join_all(
+            offsets.iter().map(|&o| reader.row(o)),
+        ))
     }
 
     /// Total bytes of the store's files on disk.
@@ -606,26 +635,190 @@ fn column<'a, T: 'static>(path: &Path, b: &'a RecordBatch, name: &str) -> Result
         })
 }
 
-fn floats(path: &Path, list: &ListArray, i: usize) -> Result<Vec<f32>> {
-    let v = list.value(i);
-    if let Some(a) = v.as_primitive_opt::<Float32Type>() {
-        return Ok(a.values().to_vec());
+/// The values of one row of a float list column, in their stored dtype; shares the decoded Arrow buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FloatValues {
+    F32(ScalarBuffer<f32>),
+    F16(ScalarBuffer<f16>),
+}
+
+impl FloatValues {
+    pub fn len(&self) -> usize {
+        match self {
+            FloatValues::F32(v) => v.len(),
+            FloatValues::F16(v) => v.len(),
+        }
     }
-    if let Some(a) = v.as_primitive_opt::<Float16Type>() {
-        return Ok(a.values().iter().map(|x| x.to_f32()).collect());
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
-    Err(Error::store(
-        path,
-        format!(
-            "list items of type {} are not float16/float32",
-            v.data_type()
-        ),
-    ))
+
+    /// Writes `value · scale` as f32 into `out`, which must hold exactly `len()` values.
+    pub fn write_f32(&self, out: &mut [f32], scale: f32) {
+        assert_eq!(out.len(), self.len(), "FloatValues::write_f32 length");
+        match self {
+            FloatValues::F32(v) if scale == 1.0 => out.copy_from_slice(v),
+            FloatValues::F32(v) => out
+                .iter_mut()
+                .zip(v.iter())
+                .for_each(|(o, &x)| *o = x * scale),
+            FloatValues::F16(v) => {
+                f16_to_f32(v, out);
+                if scale != 1.0 {
+                    out.iter_mut().for_each(|o| *o *= scale);
+                }
+            }
+        }
+    }
+
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            FloatValues::F32(v) => v.to_vec(),
+            FloatValues::F16(v) => {
+                let mut out = vec![0f32; v.len()];
+                self.write_f32(&mut out, 1.0);
+                out
+            }
+        }
+    }
+
+    fn of_list_row(path: &Path, list: &ListArray, i: usize) -> Result<Self> {
+        let v = list.value(i);
+        if let Some(a) = v.as_primitive_opt::<Float32Type>() {
+            return Ok(FloatValues::F32(a.values().clone()));
+        }
+        if let Some(a) = v.as_primitive_opt::<Float16Type>() {
+            return Ok(FloatValues::F16(a.values().clone()));
+        }
+        Err(Error::store(
+            path,
+            format!(
+                "list items of type {} are not float16/float32",
+                v.data_type()
+            ),
+        ))
+    }
+}
+
+/// f16 → f32 of a whole slice (exact). A sample holds ~0.5 M f16 values; with F16C this costs well under a
+/// millisecond in every profile, while half's bulk conversion, inlined into this crate at its dev opt-level
+/// with per-chunk debug checks, takes ~2–3 ms.
+fn f16_to_f32(src: &[f16], out: &mut [f32]) {
+    assert_eq!(src.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU supports F16C and AVX (checked just above).
+        unsafe { f16_to_f32_f16c(src, out) };
+        return;
+    }
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(out);
+}
+
+/// Eight values per instruction. Values move as typed arrays (`[f16; 8]` ↔ `__m128i`, `__m256` ↔ `[f32; 8]`):
+/// the unaligned load/store intrinsics would go through `ptr::read/write_unaligned`, whose debug precondition
+/// checks cost more than the conversion in the dev profile.
+///
+/// # Safety
+/// The CPU must support F16C and AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c,avx")]
+unsafe fn f16_to_f32_f16c(src: &[f16], out: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, __m256, _mm256_cvtph_ps};
+    let whole = src.len().min(out.len()) / 8 * 8;
+    let mut i = 0;
+    while i < whole {
+        let h: [f16; 8] = *<&[f16; 8]>::try_from(&src[i..i + 8]).expect("8 values");
+        let o = <&mut [f32; 8]>::try_from(&mut out[i..i + 8]).expect("8 values");
+        // SAFETY: [f16; 8] and __m128i are both 16 plain bytes; __m256 and [f32; 8] both 32.
+        *o = unsafe {
+            std::mem::transmute::<__m256, [f32; 8]>(_mm256_cvtph_ps(std::mem::transmute::<
+                [f16; 8],
+                __m128i,
+            >(h)))
+        };
+        i += 8;
+    }
+    for (o, h) in out[whole..].iter_mut().zip(&src[whole..]) {
+        *o = h.to_f32();
+    }
+}
+
+/// One row as Lance returned it: the float columns stay in their stored dtype and share the decoded Arrow
+/// buffers, so a reader converts each value once, straight into its own buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    pub id: String,
+    pub caption: String,
+    /// C·H·W row-major.
+    pub latent: FloatValues,
+    pub latent_shape: [i32; 3],
+    /// `prompt_len · D` values.
+    pub prompt_embeds: FloatValues,
+    pub prompt_len: i32,
+}
+
+impl StoredRow {
+    pub fn into_latent_row(self) -> LatentRow {
+        LatentRow {
+            latent: self.latent.to_f32_vec(),
+            prompt_embeds: self.prompt_embeds.to_f32_vec(),
+            id: self.id,
+            caption: self.caption,
+            latent_shape: self.latent_shape,
+            prompt_len: self.prompt_len,
+        }
+    }
+}
+
+impl From<LatentRow> for StoredRow {
+    fn from(r: LatentRow) -> Self {
+        Self {
+            id: r.id,
+            caption: r.caption,
+            latent: FloatValues::F32(r.latent.into()),
+            latent_shape: r.latent_shape,
+            prompt_embeds: FloatValues::F32(r.prompt_embeds.into()),
+            prompt_len: r.prompt_len,
+        }
+    }
+}
+
+/// Reads single rows of a store; clones share the open dataset. Its futures must run on the store's
+/// runtime ([`LatentStore::runtime`]).
+#[derive(Clone)]
+pub struct RowReader {
+    path: Arc<Path>,
+    dataset: Dataset,
+    projection: Arc<lance::datatypes::Schema>,
+}
+
+impl RowReader {
+    /// The row at `offset`.
+    ///
+    /// One Lance `take` per row (callers run many concurrently): a multi-row take over list columns whose rows
+    /// span several mini-block chunks (every real-size row does) trips an assertion in lance-encoding 14
+    /// (lance-format/lance#8558).
+    pub async fn row(&self, offset: u64) -> Result<StoredRow> {
+        let batch = self
+            .dataset
+            .take(std::slice::from_ref(&offset), self.projection.clone())
+            .await?;
+        let mut rows = stored_rows(&self.path, &batch)?;
+        if rows.len() != 1 {
+            return Err(Error::store(
+                &*self.path,
+                format!("row {offset}: Lance returned {} rows", rows.len()),
+            ));
+        }
+        Ok(rows.swap_remove(0))
+    }
 }
 
 use arrow_array::cast::AsArray;
 
-fn rows_from_batch(path: &Path, b: &RecordBatch) -> Result<Vec<LatentRow>> {
+fn stored_rows(path: &Path, b: &RecordBatch) -> Result<Vec<StoredRow>> {
     let ids = column::<StringArray>(path, b, "id")?;
     let caps = column::<StringArray>(path, b, "caption")?;
     let lat = column::<ListArray>(path, b, "latent")?;
@@ -636,12 +829,12 @@ fn rows_from_batch(path: &Path, b: &RecordBatch) -> Result<Vec<LatentRow>> {
         .map(|i| {
             let s = shp.value(i);
             let s = s.as_primitive::<arrow_array::types::Int32Type>();
-            Ok(LatentRow {
+            Ok(StoredRow {
                 id: ids.value(i).to_string(),
                 caption: caps.value(i).to_string(),
-                latent: floats(path, lat, i)?,
+                latent: FloatValues::of_list_row(path, lat, i)?,
                 latent_shape: [s.value(0), s.value(1), s.value(2)],
-                prompt_embeds: floats(path, emb, i)?,
+                prompt_embeds: FloatValues::of_list_row(path, emb, i)?,
                 prompt_len: lens.value(i),
             })
         })

@@ -5,15 +5,17 @@
 //! zeros and the mask rebuilt (ones then zeros); the negative embedding comes from the store's metadata.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use crossbeam_channel::{bounded, Receiver};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::store::fingerprint::fingerprint_folder;
-use crate::store::{LatentRow, LatentStore, StoreConfig};
+use crate::store::{LatentRow, LatentStore, RowReader, StoreConfig, StoredRow};
 
 /// Where the loader is: batch `batch` of epoch `epoch` is the next one it yields. Saved in checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -28,7 +30,8 @@ pub struct LoaderOptions {
     pub seed: u64,
     /// Drop the last incomplete batch of an epoch (SPEC §8.14 #11: the CFG concatenation needs full batches).
     pub drop_last: bool,
-    /// Batches prepared ahead on the background thread.
+    /// Batches prepared ahead of the trainer. Batches are read concurrently (and each batch's rows), as many
+    /// as keep every core busy; the others wait finished.
     pub prefetch: usize,
     /// σd, applied to the latents with the VAE scaling factor.
     pub sigma_data: f32,
@@ -142,12 +145,27 @@ pub fn assemble(
     sigma_data: f32,
     position: LoaderPosition,
 ) -> Result<TrainBatch> {
+    assemble_stored(
+        rows.into_iter().map(StoredRow::from).collect(),
+        config,
+        sigma_data,
+        position,
+    )
+}
+
+/// [`assemble`] from rows as stored: each value is converted to f32 once, straight into the batch.
+pub fn assemble_stored(
+    rows: Vec<StoredRow>,
+    config: &StoreConfig,
+    sigma_data: f32,
+    position: LoaderPosition,
+) -> Result<TrainBatch> {
     let (l, d) = (config.max_sequence_length, config.text_hidden_size);
     let shape = config.latent_shape;
     let numel: usize = shape.iter().product();
     let scale = config.vae_scaling_factor as f32 * sigma_data;
     let b = rows.len();
-    let mut x0 = Vec::with_capacity(b * numel);
+    let mut x0 = vec![0f32; b * numel];
     let mut emb = vec![0f32; b * l * d];
     let mut mask = vec![0f32; b * l];
     let (mut ids, mut captions) = (Vec::with_capacity(b), Vec::with_capacity(b));
@@ -162,16 +180,19 @@ pub fn assemble(
             return Err(Error::store(
                 "",
                 format!(
-                    "row {} does not match the store settings (latent_shape {:?} vs {:?}, prompt_len {len}, {} embed values)",
+                    "row {} does not match the store settings (latent_shape {:?} vs {:?}, prompt_len {}, {} embed values)",
                     r.id,
                     r.latent_shape,
                     shape,
+                    r.prompt_len,
                     r.prompt_embeds.len()
                 ),
             ));
         }
-        x0.extend(r.latent.iter().map(|v| v * scale));
-        emb[i * l * d..i * l * d + len * d].copy_from_slice(&r.prompt_embeds);
+        r.latent
+            .write_f32(&mut x0[i * numel..(i + 1) * numel], scale);
+        r.prompt_embeds
+            .write_f32(&mut emb[i * l * d..i * l * d + len * d], 1.0);
         mask[i * l..i * l + len].iter_mut().for_each(|m| *m = 1.0);
         ids.push(r.id);
         captions.push(r.caption);
@@ -245,6 +266,77 @@ pub fn fingerprint_mismatches(config: &StoreConfig, teacher_root: &Path) -> Resu
     Ok(out)
 }
 
+/// The batches from `start` on, endlessly: `(position, store offsets)`, a pure function of (seed, epoch, batch).
+struct BatchPlan {
+    rows: usize,
+    batch_size: usize,
+    per_epoch: u64,
+    seed: u64,
+    pos: LoaderPosition,
+    perm: Vec<u64>,
+    perm_epoch: Option<u64>,
+}
+
+impl BatchPlan {
+    fn new(
+        rows: usize,
+        batch_size: usize,
+        per_epoch: u64,
+        seed: u64,
+        start: LoaderPosition,
+    ) -> Self {
+        Self {
+            rows,
+            batch_size,
+            per_epoch,
+            seed,
+            pos: start,
+            perm: Vec::new(),
+            perm_epoch: None,
+        }
+    }
+}
+
+impl Iterator for BatchPlan {
+    type Item = (LoaderPosition, Vec<u64>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let pos = self.pos;
+        if self.perm_epoch != Some(pos.epoch) {
+            self.perm = epoch_permutation(self.rows, self.seed, pos.epoch);
+            self.perm_epoch = Some(pos.epoch);
+        }
+        let lo = pos.batch as usize * self.batch_size;
+        let hi = (lo + self.batch_size).min(self.rows);
+        self.pos = pos.next(self.per_epoch);
+        Some((pos, self.perm[lo..hi].to_vec()))
+    }
+}
+
+/// Reads a batch's rows concurrently and assembles them (runs as a task on the store's runtime).
+async fn read_batch(
+    reader: RowReader,
+    offsets: Vec<u64>,
+    config: Arc<StoreConfig>,
+    sigma_data: f32,
+    position: LoaderPosition,
+) -> Result<TrainBatch> {
+    let rows = futures::future::try_join_all(offsets.iter().map(|&o| reader.row(o))).await?;
+    assemble_stored(rows, &config, sigma_data, position)
+}
+
+fn task_failed(e: tokio::task::JoinError) -> Error {
+    let msg = match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic without a message".into()),
+        Err(e) => e.to_string(),
+    };
+    Error::store("", format!("reading a batch failed: {msg}"))
+}
+
 /// Streams shuffled batches from a store on a background thread.
 pub struct StoreLoader {
     rx: Receiver<Result<TrainBatch>>,
@@ -271,25 +363,40 @@ impl StoreLoader {
             ));
         }
         let config = store.config().clone();
-        let (tx, rx) = bounded(opts.prefetch.max(1));
+        // Enough rows in flight to keep every core decoding, plus one batch so that cores freed by a batch's
+        // last rows start the next one; more would only cost memory. The rest of the prefetch depth waits
+        // finished in the channel.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let prefetch = opts.prefetch.max(1);
+        let in_flight = ((2 * cores).div_ceil(opts.batch_size) + 1).clamp(1, prefetch);
+        let (tx, rx) = bounded((prefetch - in_flight).max(1));
         let (opts, path): (LoaderOptions, PathBuf) = (opts.clone(), path.to_path_buf());
-        let worker_config = config.clone();
+        let worker_config = Arc::new(config.clone());
         let worker = std::thread::Builder::new()
             .name("store-loader".into())
             .spawn(move || {
-                let mut pos = start;
-                let mut perm_epoch = u64::MAX;
-                let mut perm = Vec::new();
+                let reader = store.row_reader();
+                let handle = store.runtime().handle().clone();
+                let plan = BatchPlan::new(rows, opts.batch_size, per_epoch, opts.seed, start);
+                let sigma_data = opts.sigma_data;
+                // `buffered` yields in plan order whatever order the spawned reads finish in.
+                let mut batches = futures::stream::iter(plan)
+                    .map(|(pos, offsets)| {
+                        let task = handle.spawn(read_batch(
+                            reader.clone(),
+                            offsets,
+                            worker_config.clone(),
+                            sigma_data,
+                            pos,
+                        ));
+                        async move { task.await.unwrap_or_else(|e| Err(task_failed(e))) }
+                    })
+                    .buffered(in_flight);
                 loop {
-                    if perm_epoch != pos.epoch {
-                        perm = epoch_permutation(rows, opts.seed, pos.epoch);
-                        perm_epoch = pos.epoch;
-                    }
-                    let lo = pos.batch as usize * opts.batch_size;
-                    let hi = (lo + opts.batch_size).min(rows);
                     let batch = store
-                        .take(&perm[lo..hi])
-                        .and_then(|r| assemble(r, &worker_config, opts.sigma_data, pos))
+                        .runtime()
+                        .block_on(batches.next())
+                        .expect("the batch plan never ends")
                         .map_err(|e| match e {
                             Error::Store { msg, .. } => Error::store(&path, msg),
                             e => e,
@@ -298,7 +405,6 @@ impl StoreLoader {
                     if tx.send(batch).is_err() || failed {
                         return;
                     }
-                    pos = pos.next(per_epoch);
                 }
             })
             .map_err(|e| Error::io("store-loader thread", e))?;
