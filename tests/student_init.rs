@@ -61,21 +61,8 @@ fn fixture_student(guidance: GuidanceInit) -> Student {
     .unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
+    common::max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
 }
 
 fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
@@ -152,13 +139,13 @@ fn check_initialisation(
             }
             None if name == "logvar_linear.weight" => {
                 let bound = (6.0 / (dim + 1) as f64).sqrt();
-                let largest = max_abs(value);
+                let largest = common::max_abs(value);
                 assert!(
                     largest <= bound && largest > bound / 2.0,
                     "{name}: max |w| {largest} for Xavier bound {bound}"
                 );
             }
-            None => assert_eq!(max_abs(value), 0.0, "{name} must start at zero"),
+            None => assert_eq!(common::max_abs(value), 0.0, "{name} must start at zero"),
         }
     }
     assert_eq!(
@@ -377,13 +364,13 @@ fn only_the_learnable_guidance_init_can_learn_to_use_the_guidance_scale() {
     let grads = sgd_step(&zero, 0.1);
     for name in ["linear_1.weight", "linear_1.bias", "linear_2.weight"] {
         assert_eq!(
-            max_abs(&grads[name]),
+            common::max_abs(&grads[name]),
             0.0,
             "zero init: {name} gets no gradient"
         );
     }
     assert!(
-        max_abs(&grads["linear_2.bias"]) > 1e-3,
+        common::max_abs(&grads["linear_2.bias"]) > 1e-3,
         "zero init: linear_2.bias learns"
     );
     let moved = max_abs_diff(
@@ -398,7 +385,7 @@ fn only_the_learnable_guidance_init_can_learn_to_use_the_guidance_scale() {
     let learnable = fixture_student(GuidanceInit::Learnable);
     let grads = sgd_step(&learnable, 0.1);
     assert!(
-        max_abs(&grads["linear_2.weight"]) > 1e-3,
+        common::max_abs(&grads["linear_2.weight"]) > 1e-3,
         "learnable init: linear_2.weight learns"
     );
     let moved = max_abs_diff(
@@ -444,7 +431,7 @@ fn detached_copies_share_storage_and_build_no_graph() {
     let after = frozen.logvar(t, Some(g)).unwrap();
     let shift = (after - before).unwrap();
     assert!(
-        (max_abs(&(shift - 1.5).unwrap())) < 1e-6,
+        (common::max_abs(&(shift - 1.5).unwrap())) < 1e-6,
         "the detached copy sees Var::set"
     );
 }

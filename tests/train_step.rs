@@ -162,31 +162,6 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     }
 }
 
-fn norm(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt()
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
 fn check(name: &str, ours: &Tensor, want: &Tensor, worst: &mut (f64, String)) {
     let ours = if ours.dims() != want.dims() && ours.elem_count() == want.elem_count() {
         ours.reshape(want.dims()).unwrap()
@@ -375,10 +350,10 @@ fn discriminator_step_matches_reference() {
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         let want = fx.get(&format!("d.out.grad.{name}"));
-        if norm(&want) < 1e-6 * total {
+        if common::l2_norm(&want) < 1e-6 * total {
             // conv biases in front of a per-channel normalisation: a mathematically zero gradient, so both
             // sides hold rounding noise; compared against the total gradient norm instead
-            let e = norm(&(g - &want).unwrap()) / total;
+            let e = common::l2_norm(&(g - &want).unwrap()) / total;
             assert!(e <= TOL, "grad {name}: {e:.3e} of the total norm");
             noise_only.push(name.clone());
         } else {
@@ -399,7 +374,7 @@ fn discriminator_step_matches_reference() {
         if noise_only.contains(&name) {
             // AdamW's first step moves each element by at most lr whatever the gradient's size, so a gradient
             // of rounding noise gives an update of either sign (in torch too)
-            let e = max_abs(&(&t - &want).unwrap());
+            let e = common::max_abs(&(&t - &want).unwrap());
             assert!(e <= 2.0 * lr * 1.0001, "head {name}: {e} > 2 lr");
         } else {
             check(&format!("head {name}"), &t, &want, &mut worst);

@@ -146,6 +146,32 @@ impl Drawer<'_> {
     }
 }
 
+impl Drawer<'_> {
+    /// The draws every batch starts with: latent noise, student time normals, CFG scales; then, with
+    /// `--train_largest_timestep`, [a fresh time (generator only)], the uniforms and the re-noising latent.
+    fn batch_start(
+        &mut self,
+        latent_shape: &[usize],
+        settings: &StepSettings,
+        fresh_time: bool,
+    ) -> Result<(Tensor, Tensor, Tensor, Option<LargestTimestepDraws>)> {
+        let b = latent_shape[0];
+        let noise = self.normal(latent_shape)?;
+        let t_normal = self.normal(&[b])?;
+        let cfg = self.cfg(b, &settings.scm_cfg_scale)?;
+        let largest = if settings.train_largest_timestep {
+            Some(LargestTimestepDraws {
+                t_normal: fresh_time.then(|| self.normal(&[b])).transpose()?,
+                uniform: self.uniform(b)?,
+                noise: self.normal(latent_shape)?,
+            })
+        } else {
+            None
+        };
+        Ok((noise, t_normal, cfg, largest))
+    }
+}
+
 impl GeneratorDraws {
     /// Draws in this order: noise, t, cfg, [t', uniform, noise'] (largest timestep), t_D, noise_D.
     pub fn sample(
@@ -156,18 +182,7 @@ impl GeneratorDraws {
     ) -> Result<Self> {
         let b = latent_shape[0];
         let mut d = Drawer { rng, device };
-        let noise = d.normal(latent_shape)?;
-        let t_normal = d.normal(&[b])?;
-        let cfg = d.cfg(b, &settings.scm_cfg_scale)?;
-        let largest = if settings.train_largest_timestep {
-            Some(LargestTimestepDraws {
-                t_normal: Some(d.normal(&[b])?),
-                uniform: d.uniform(b)?,
-                noise: d.normal(latent_shape)?,
-            })
-        } else {
-            None
-        };
+        let (noise, t_normal, cfg, largest) = d.batch_start(latent_shape, settings, true)?;
         Ok(Self {
             noise,
             t_normal,
@@ -190,18 +205,7 @@ impl DiscriminatorDraws {
     ) -> Result<Self> {
         let b = latent_shape[0];
         let mut d = Drawer { rng, device };
-        let noise = d.normal(latent_shape)?;
-        let t_normal = d.normal(&[b])?;
-        let cfg = d.cfg(b, &settings.scm_cfg_scale)?;
-        let largest = if settings.train_largest_timestep {
-            Some(LargestTimestepDraws {
-                t_normal: None,
-                uniform: d.uniform(b)?,
-                noise: d.normal(latent_shape)?,
-            })
-        } else {
-            None
-        };
+        let (noise, t_normal, cfg, largest) = d.batch_start(latent_shape, settings, false)?;
         let t_d_normal = d.normal(&[b])?;
         let noise_fake = d.normal(latent_shape)?;
         let noise_real = d.normal(latent_shape)?;

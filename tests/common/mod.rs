@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// A file under `tests/fixtures/` (tests never read fixtures from anywhere else).
 pub fn fixture_path(name: &str) -> PathBuf {
@@ -46,4 +46,31 @@ pub fn reference_keys(file: &str) -> std::collections::BTreeMap<String, Vec<usiz
             (key.to_string(), dims)
         })
         .collect()
+}
+
+/// Largest |value| of a tensor, in f64.
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// L2 norm of a tensor, in f64.
+pub fn l2_norm(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt()
 }
