@@ -133,7 +133,7 @@ struct PrepArgs {
 #[derive(Args, Debug)]
 #[command(rename_all = "snake_case")]
 struct TrainArgs {
-    /// 1.6B or 0.6B.
+    /// 1.6B, 0.6B (random weights at real size) or tiny (the embedded datasets/tiny-sana-sprint teacher).
     #[arg(long, default_value = "1.6B")]
     config: String,
     #[arg(long, default_value_t = 1024)]
@@ -540,6 +540,13 @@ fn step_log(path: &Path) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// The share of the run's time spent blocked on the store loader, from the last line of its metrics.jsonl.
+fn loader_wait_share(path: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let last: Value = serde_json::from_str(text.lines().last()?).ok()?;
+    Some(last.get("loader_wait_s")?.as_f64()? / last.get("elapsed_s")?.as_f64()?)
+}
+
 /// Mean G and D step seconds from a step log, leaving out the first G and the first D step (warm-up), and the
 /// elapsed time at which the timed steps started.
 fn step_times(log: &[(String, f64)]) -> (Vec<f64>, Vec<f64>, Option<f64>) {
@@ -575,6 +582,11 @@ impl TrainRun {
             m.insert(k.into(), v.map_or(Value::from("n/a"), Value::from));
         };
         put(&mut metrics, "g_step_s", mean(&g));
+        put(
+            &mut metrics,
+            "loader_wait_share",
+            loader_wait_share(&self.metrics_path),
+        );
         put(&mut metrics, "d_step_s", mean(&d));
         metrics.insert("g_steps_timed".into(), g.len().into());
         metrics.insert("d_steps_timed".into(), d.len().into());
@@ -663,7 +675,11 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
     let z = train_sizes(ctx.smoke, a);
     let (res, steps) = (z.resolution, z.steps);
     let t = Instant::now();
-    let teacher = random::teacher_folder(&ctx.work, &a.config, z.layers)?;
+    let teacher = if a.config == "tiny" {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/tiny-sana-sprint")
+    } else {
+        random::teacher_folder(&ctx.work, &a.config, z.layers)?
+    };
     let cfg = SanaConfig::from_folder(&teacher.join("transformer"))?;
     let rows = (z.batch * (steps as usize + 2)).max(16);
     let store_dir = random::cached_dir(
