@@ -177,7 +177,9 @@ impl SpectralConv1d {
             .broadcast_add(self.bias.as_tensor())?;
         Ok(out.reshape((b, n, ()))?)
     }
+}
 
+impl Named for SpectralConv1d {
     fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
         let (u, v) = self.buffers();
         out.push((
@@ -193,6 +195,12 @@ impl SpectralConv1d {
         out.push((format!("{prefix}.weight_orig"), self.weight_orig.clone()));
         out.push((format!("{prefix}.bias"), self.bias.clone()));
     }
+}
+
+/// A module's state under `prefix`: every tensor (buffers included), or only the trainable variables.
+trait Named {
+    fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>);
+    fn named_vars(&self, prefix: &str, out: &mut Vec<(String, Var)>);
 }
 
 /// `BatchNormLocal(C, affine=True, virtual_bs=8, eps=1e-5)`: per group of ⌈B/8⌉ groups and per channel, mean
@@ -239,7 +247,9 @@ impl BatchNormLocal {
             .broadcast_add(self.bias.as_tensor())?;
         Ok(out.reshape((b, n, c))?)
     }
+}
 
+impl Named for BatchNormLocal {
     fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
         out.push((format!("{prefix}.weight"), self.weight.as_tensor().clone()));
         out.push((format!("{prefix}.bias"), self.bias.as_tensor().clone()));
@@ -319,36 +329,27 @@ impl DiscHead {
         [&self.pointwise.conv, &self.wide.conv, &self.cls]
     }
 
+    /// The head's modules under their state-dict names, in state-dict order.
+    fn parts(&self) -> [(&'static str, &dyn Named); 5] {
+        [
+            ("main.0.0", &self.pointwise.conv),
+            ("main.0.1", &self.pointwise.norm),
+            ("main.1.fn.0", &self.wide.conv),
+            ("main.1.fn.1", &self.wide.norm),
+            ("cls", &self.cls),
+        ]
+    }
+
     fn named_tensors(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        self.pointwise
-            .conv
-            .named_tensors(&format!("{prefix}.main.0.0"), out);
-        self.pointwise
-            .norm
-            .named_tensors(&format!("{prefix}.main.0.1"), out);
-        self.wide
-            .conv
-            .named_tensors(&format!("{prefix}.main.1.fn.0"), out);
-        self.wide
-            .norm
-            .named_tensors(&format!("{prefix}.main.1.fn.1"), out);
-        self.cls.named_tensors(&format!("{prefix}.cls"), out);
+        for (name, part) in self.parts() {
+            part.named_tensors(&format!("{prefix}.{name}"), out);
+        }
     }
 
     fn named_vars(&self, prefix: &str, out: &mut Vec<(String, Var)>) {
-        self.pointwise
-            .conv
-            .named_vars(&format!("{prefix}.main.0.0"), out);
-        self.pointwise
-            .norm
-            .named_vars(&format!("{prefix}.main.0.1"), out);
-        self.wide
-            .conv
-            .named_vars(&format!("{prefix}.main.1.fn.0"), out);
-        self.wide
-            .norm
-            .named_vars(&format!("{prefix}.main.1.fn.1"), out);
-        self.cls.named_vars(&format!("{prefix}.cls"), out);
+        for (name, part) in self.parts() {
+            part.named_vars(&format!("{prefix}.{name}"), out);
+        }
     }
 }
 
