@@ -25,7 +25,7 @@ use sana_sprint::models::trigflow::SanaTrigFlow;
 use sana_sprint::nn::dual::Dual;
 use sana_sprint::nn::rng::InitRng;
 use sana_sprint::train::step::{
-    self, Batch, DiscriminatorDraws, GeneratorDraws, LargestTimestepDraws, Models, StepSettings,
+    self, Batch, DiscriminatorDraws, GeneratorDraws, Models, StepSettings,
 };
 
 /// Relative L2 tolerance per dtype.
@@ -239,25 +239,6 @@ fn batch(device: &Device) -> Result<Batch> {
     })
 }
 
-fn to_dev(t: &Option<Tensor>, device: &Device) -> Result<Option<Tensor>> {
-    t.as_ref().map(|t| dev(t, device)).transpose()
-}
-
-fn largest_to(
-    l: &Option<LargestTimestepDraws>,
-    device: &Device,
-) -> Result<Option<LargestTimestepDraws>> {
-    l.as_ref()
-        .map(|l| {
-            Ok(LargestTimestepDraws {
-                t_normal: to_dev(&l.t_normal, device)?,
-                uniform: dev(&l.uniform, device)?,
-                noise: dev(&l.noise, device)?,
-            })
-        })
-        .transpose()
-}
-
 /// Gradients of `vars` in order (zeros where none arrived).
 fn grads_of(
     grads: &candle_core::backprop::GradStore,
@@ -279,15 +260,8 @@ fn generator_step(tiny: &Path, dtype: DType, device: &Device) -> Result<Outputs>
     let m = step_models(tiny, dtype, device)?;
     let s = step_settings();
     let b = batch(device)?;
-    let host = GeneratorDraws::sample(&mut InitRng::new(3), b.x0.dims(), &s, &Device::Cpu)?;
-    let draws = GeneratorDraws {
-        noise: dev(&host.noise, device)?,
-        t_normal: dev(&host.t_normal, device)?,
-        cfg: dev(&host.cfg, device)?,
-        largest: largest_to(&host.largest, device)?,
-        t_d_normal: dev(&host.t_d_normal, device)?,
-        noise_d: dev(&host.noise_d, device)?,
-    };
+    // drawn on the host whatever the device, so both devices see the same values
+    let draws = GeneratorDraws::sample(&mut InitRng::new(3), b.x0.dims(), &s, device)?;
     let (student, frozen) = m.student.compute_models(dtype)?;
     let models = Models {
         teacher: &m.teacher,
@@ -324,21 +298,7 @@ fn discriminator_step(tiny: &Path, dtype: DType, device: &Device) -> Result<Outp
     let m = step_models(tiny, dtype, device)?;
     let s = step_settings();
     let b = batch(device)?;
-    let host = DiscriminatorDraws::sample(&mut InitRng::new(4), b.x0.dims(), &s, &Device::Cpu)?;
-    let draws = DiscriminatorDraws {
-        noise: dev(&host.noise, device)?,
-        t_normal: dev(&host.t_normal, device)?,
-        cfg: dev(&host.cfg, device)?,
-        largest: largest_to(&host.largest, device)?,
-        t_d_normal: dev(&host.t_d_normal, device)?,
-        noise_fake: dev(&host.noise_fake, device)?,
-        noise_real: dev(&host.noise_real, device)?,
-        shift: host
-            .shift
-            .as_ref()
-            .map(|(t, n)| Ok::<_, anyhow::Error>((dev(t, device)?, dev(n, device)?)))
-            .transpose()?,
-    };
+    let draws = DiscriminatorDraws::sample(&mut InitRng::new(4), b.x0.dims(), &s, device)?;
     let (student, frozen) = m.student.compute_models(dtype)?;
     let models = Models {
         teacher: &m.teacher,
