@@ -264,10 +264,15 @@ fn batch_rng(seed: u64, batch: u64) -> InitRng {
 
 /// Peak resident memory of this process in bytes (Linux), for the summary.
 pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// A memory field of `/proc/self/status` (`VmRSS:`, `VmHWM:`, …) in bytes (Linux only).
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Keeps only the metric lines up to `step` (a resume continues the log without duplicates).
