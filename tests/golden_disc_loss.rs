@@ -37,7 +37,7 @@ fn scalar(t: &Tensor) -> f32 {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    scalar(&t.abs().unwrap().flatten_all().unwrap().max(0).unwrap())
+    common::max_abs(t) as f32
 }
 
 /// Max abs difference (shapes must agree).

@@ -56,14 +56,7 @@ fn student() -> Student {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    common::max_abs(t) as f32
 }
 
 #[test]
