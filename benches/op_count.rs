@@ -17,7 +17,7 @@ use sana_sprint::models::discriminator::{DiscHeads, DEFAULT_HEAD_BLOCK_IDS};
 use sana_sprint::models::sana::SanaTransformer2DModel;
 use sana_sprint::models::student::{GuidanceInit, Student};
 use sana_sprint::models::trigflow::SanaTrigFlow;
-use sana_sprint::nn::rng::InitRng;
+use sana_sprint::rng::SeededRng;
 use sana_sprint::train::step::{
     self, Batch, DiscriminatorDraws, GeneratorDraws, Models, StepSettings,
 };
@@ -46,7 +46,7 @@ fn main() {
     let heads = DiscHeads::new(&DEFAULT_HEAD_BLOCK_IDS, 32, 1, &dev).unwrap();
     let (tracked_model, frozen) = student.compute_models(DType::F32).unwrap();
     let (b, l, h) = (2usize, 300usize, 8usize);
-    let mut rng = InitRng::new(3);
+    let mut rng = SeededRng::new(3);
     let mut normal = |shape: &[usize]| {
         let n = shape.iter().product();
         tracked(Tensor::from_vec(rng.normal(n), shape, &dev).unwrap())
@@ -74,7 +74,7 @@ fn main() {
             gradient_checkpointing: checkpointing,
             teacher_negative: None,
         };
-        let mut draw_rng = InitRng::new(5);
+        let mut draw_rng = SeededRng::new(5);
         let g = GeneratorDraws::sample(&mut draw_rng, &[b, 32, h, h], &settings, &dev).unwrap();
         let g = GeneratorDraws {
             noise: tracked(g.noise),

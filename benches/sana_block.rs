@@ -199,7 +199,7 @@ fn time<T>(label: &str, iters: usize, mut f: impl FnMut() -> T) -> f64 {
 
 /// A `VmXXX:` field of /proc/self/status in MiB.
 fn proc_status_mib(field: &str) -> Option<f64> {
-    sana_sprint::train::trainer::proc_status_bytes(field).map(|b| b as f64 / 1048576.0)
+    sana_sprint::system::proc_status_bytes(field).map(|b| b as f64 / 1048576.0)
 }
 
 /// Child process: sets up, resets the high-water mark, runs `pass` once and prints

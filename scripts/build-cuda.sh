@@ -9,6 +9,8 @@
 # CUDA_VENV (default ~/.cache/sana-sprint/cuda13-venv) caches the toolchain; CUDA_COMPUTE_CAP defaults to 90
 # (H100/H200).
 set -euo pipefail
+# Every failure says where it happened (a failed command substitution under pipefail is otherwise silent).
+trap 'echo "build-cuda.sh: failed at line $LINENO (exit $?): $BASH_COMMAND" >&2' ERR
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sana-sprint/target}"
@@ -22,19 +24,21 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${pins[*]}" ]; then
   echo "${pins[*]}" > "$stamp"
 fi
 cu=$("$venv/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))")
-[ -x "$cu/bin/nvcc" ] || { echo "nvcc not found under $cu" >&2; exit 1; }
+[ -x "$cu/bin/nvcc" ] || { echo "build-cuda.sh: nvcc not found under $cu (delete $venv and rerun)" >&2; exit 1; }
 
 # Unversioned names for the linker, and the libcuda stub.
 links="$root/target-cuda-link"
 mkdir -p "$links"
 for lib in cublas cublasLt curand nvrtc cudart; do
-  f=$(ls "$cu"/lib/lib$lib.so.* 2>/dev/null | sort | head -n 1)
-  [ -n "$f" ] || { echo "lib$lib not found in $cu/lib" >&2; exit 1; }
+  f=$(find "$cu/lib" -maxdepth 1 -name "lib$lib.so.*" 2>/dev/null | sort | head -n 1 || true)
+  [ -n "$f" ] || { echo "build-cuda.sh: lib$lib not found in $cu/lib (pip install of the CUDA wheels incomplete?)" >&2; exit 1; }
   ln -sf "$f" "$links/lib$lib.so"
 done
 cargo fetch -q
-sys=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys 2>/dev/null | sort -V | tail -n 1)
-[ -n "$sys" ] || { echo "cudarc sources not found (cargo fetch failed?)" >&2; exit 1; }
+# cudarc's sources, where cargo keeps its registry: $CARGO_HOME (default ~/.cargo).
+registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
+sys=$(find "$registry" -maxdepth 4 -type d -path '*/cudarc-0.19.*/src/driver/sys' 2>/dev/null | sort -V | tail -n 1 || true)
+[ -n "$sys" ] || { echo "build-cuda.sh: cudarc 0.19 sources not found under $registry (is CARGO_HOME right? did cargo fetch fail?)" >&2; exit 1; }
 if [ ! -f "$links/libcuda.so.1" ] || [ "$sys" -nt "$links/libcuda.so.1" ]; then
   grep -rhoE '\bfn cu[A-Za-z0-9_]+\s*\(' "$sys" | sed -E 's/fn (cu[A-Za-z0-9_]+).*/\1/' | sort -u \
     | awk '{print "int " $1 "(void) { return 999; /* CUDA_ERROR_UNKNOWN: link-time stub only */ }"}' > "$links/cuda_stub.c"

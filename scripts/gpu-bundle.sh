@@ -11,6 +11,7 @@
 # Nothing is downloaded except the diffusers 0.42.1 wheel (pip download, no dependencies). Without network it
 # falls back to a copy of an installed diffusers package (PYTHON, default python3), else says what to do.
 set -euo pipefail
+trap 'echo "gpu-bundle.sh: failed at line $LINENO (exit $?): $BASH_COMMAND" >&2' ERR
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=$root/gpu-bundle build=1 bin_dir=""

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
+use sana_sprint::device::{self, MixedPrecision};
 use sana_sprint::hub::HubConfig;
-use sana_sprint::prep::{self, MixedPrecision, PrepOptions};
+use sana_sprint::prep::{self, PrepOptions};
 use sana_sprint::store::{self, FloatEncoding, StoreDType};
 
 #[derive(Parser, Debug)]
@@ -39,7 +40,7 @@ struct Args {
     #[arg(long, value_enum, default_value_t = MixedPrecision::Bf16)]
     mixed_precision: MixedPrecision,
     /// cpu, cuda or cuda:N (cuda by default in CUDA builds).
-    #[arg(long, default_value = prep::default_device())]
+    #[arg(long, default_value = device::default_device())]
     device: String,
     #[arg(long, default_value_t = 300)]
     max_sequence_length: usize,

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
+use sana_sprint::device::{self, MixedPrecision};
 use sana_sprint::hub::{self, HubConfig};
 use sana_sprint::models::sana::SelfAttention;
 use sana_sprint::models::student::GuidanceInit;
-use sana_sprint::prep::{self, MixedPrecision};
 use sana_sprint::train::loss::TimestepSampler;
 use sana_sprint::train::optim::{AdamWConfig, LrScheduleKind};
 use sana_sprint::train::step::{StepSettings, LARGEST_TIMESTEP};
@@ -152,7 +152,7 @@ struct Args {
     #[arg(long, value_enum, default_value_t = SelfAttentionArg::Linear)]
     self_attention: SelfAttentionArg,
     /// cpu, cuda or cuda:N (cuda by default in CUDA builds).
-    #[arg(long, default_value = prep::default_device())]
+    #[arg(long, default_value = device::default_device())]
     device: String,
     /// Batches prepared ahead by the store loader.
     #[arg(long, default_value_t = 4)]
@@ -274,7 +274,7 @@ fn options(mut a: Args) -> sana_sprint::Result<TrainOptions> {
     o.validation_timesteps = a.validation_timesteps.clone();
     o.upcast_before_saving = a.upcast_before_saving;
     o.allow_store_mismatch = a.allow_store_mismatch;
-    o.device = prep::parse_device(&a.device)?;
+    o.device = device::parse_device(&a.device)?;
     o.prefetch = a.dataloader_num_workers.max(1);
     o.progress = !a.no_progress;
     o.config_json = config_json;
@@ -315,7 +315,7 @@ fn main() -> ExitCode {
             summary.loader_wait.as_secs_f64(),
             100.0 * summary.loader_wait.as_secs_f64() / secs.max(1e-9)
         );
-        if let Some(peak) = trainer::peak_rss_bytes() {
+        if let Some(peak) = sana_sprint::system::peak_rss_bytes() {
             println!("peak memory      {:.0} MiB (host RSS)", peak as f64 / 1048576.0);
         }
         for c in &summary.checkpoints {

@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 use crate::models::sana::TextContext;
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
-use crate::nn::rng::InitRng;
+use crate::rng::SeededRng;
 use crate::{Error, Result};
 
 /// Teacher blocks tapped by the heads, in head order (`--head_block_ids` default, 0-based).
@@ -70,7 +70,7 @@ pub struct SpectralConv1d {
 impl SpectralConv1d {
     /// Fresh torch-default init: weight and bias U(±1/√(in·k)) (kaiming-uniform a=√5); u, v normalised normals.
     fn init(
-        rng: &mut InitRng,
+        rng: &mut SeededRng,
         in_channels: usize,
         out_channels: usize,
         kernel: usize,
@@ -286,7 +286,7 @@ pub struct DiscHead {
 }
 
 impl DiscHead {
-    fn init(rng: &mut InitRng, channels: usize, device: &Device) -> Result<Self> {
+    fn init(rng: &mut SeededRng, channels: usize, device: &Device) -> Result<Self> {
         let mut block = |kernel| -> Result<ConvBlock> {
             Ok(ConvBlock {
                 conv: SpectralConv1d::init(rng, channels, channels, kernel, device)?,
@@ -379,7 +379,7 @@ impl DiscHeads {
     /// first eval-mode forward does not divide by σ = uᵀWv of random u, v (SPEC §8.14 #14).
     pub fn new(block_ids: &[usize], channels: usize, seed: u64, device: &Device) -> Result<Self> {
         check_block_ids(block_ids)?;
-        let mut rng = InitRng::new(seed);
+        let mut rng = SeededRng::new(seed);
         let heads = block_ids
             .iter()
             .map(|_| DiscHead::init(&mut rng, channels, device))

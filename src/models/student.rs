@@ -17,7 +17,7 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::models::sana::{SanaConfig, SanaTransformer2DModel, SelfAttention};
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
-use crate::nn::rng::InitRng;
+use crate::rng::SeededRng;
 use crate::{Error, Result};
 
 /// Standard deviation of the learnable guidance embedder's `linear_1.weight` (NVlabs SANA-Sprint).
@@ -97,7 +97,7 @@ impl VarInit {
                 device,
             );
         }
-        let mut rng = InitRng::for_name(seed, name);
+        let mut rng = SeededRng::for_name(seed, name);
         if name.starts_with("time_embed.guidance_embedder.") {
             return Ok(match (guidance, name) {
                 (GuidanceInit::Learnable, "time_embed.guidance_embedder.linear_1.weight") => {

@@ -14,10 +14,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::bounded;
 
+use crate::device::{default_device, parse_device, MixedPrecision};
 use crate::error::{Error, Result};
 use crate::hub::{self, HubConfig};
 use crate::models::dcae::{DcaeConfig, DcaeEncoder};
-use crate::store::fingerprint::fingerprint_folder;
+use crate::store::compat::fingerprint_folder;
 use crate::store::{
     FloatEncoding, LatentRow, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
     StoreDType, StoreWriter, FORMAT_VERSION,
@@ -25,30 +26,6 @@ use crate::store::{
 use crate::text::{PromptEncoder, COMPLEX_HUMAN_INSTRUCTION};
 use report::{BadRow, PrepReport};
 use source::{RawRow, Shard};
-
-/// Precision of the encoders: `no` runs everything in f32; `bf16` runs Gemma in bf16 as the reference
-/// script does (the VAE stays f32 in both, as in the reference).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MixedPrecision {
-    No,
-    Bf16,
-}
-
-impl MixedPrecision {
-    pub fn name(self) -> &'static str {
-        match self {
-            MixedPrecision::No => "no",
-            MixedPrecision::Bf16 => "bf16",
-        }
-    }
-    fn text_dtype(self) -> DType {
-        match self {
-            MixedPrecision::No => DType::F32,
-            MixedPrecision::Bf16 => DType::BF16,
-        }
-    }
-}
 
 /// Everything a prep run needs; the `sprint-prep` flags map onto it one to one.
 #[derive(Debug, Clone)]
@@ -101,41 +78,6 @@ impl Default for PrepOptions {
             encoding: FloatEncoding::default(),
             progress: true,
         }
-    }
-}
-
-/// `cuda` when built with the CUDA feature, else `cpu`.
-pub fn default_device() -> &'static str {
-    if cfg!(feature = "cuda") {
-        "cuda"
-    } else {
-        "cpu"
-    }
-}
-
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        _ if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize = s
-                .strip_prefix("cuda:")
-                .map(|n| {
-                    n.parse()
-                        .map_err(|_| Error::Arg(format!("bad device {s:?}: expected cuda:N")))
-                })
-                .transpose()?
-                .unwrap_or(0);
-            if !cfg!(feature = "cuda") {
-                return Err(Error::Arg(format!(
-                    "--device {s}: this binary was built without CUDA; rebuild with `cargo build --release --features cuda` or use --device cpu"
-                )));
-            }
-            Ok(Device::new_cuda(ordinal)?)
-        }
-        _ => Err(Error::Arg(format!(
-            "bad device {s:?}: expected cpu, cuda or cuda:N"
-        ))),
     }
 }
 
@@ -222,7 +164,7 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
             opts.resolution
         )));
     }
-    let text = PromptEncoder::load(&src.root, opts.mixed_precision.text_dtype(), &device)?;
+    let text = PromptEncoder::load(&src.root, opts.mixed_precision.dtype(), &device)?;
     let (neg, neg_mask) = text.encode(&[String::new()], None, opts.max_sequence_length)?;
     let neg_len = neg_mask
         .sum_all()?

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-pub mod fingerprint;
+pub mod compat; // does a store fit a prep run, a teacher folder: settings, fingerprints, shapes
 
 pub const FORMAT_VERSION: u32 = 1;
 /// Schema-metadata key holding the JSON settings of the store.
@@ -127,66 +127,6 @@ impl StoreConfig {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())
-    }
-
-    /// The settings that must agree for two runs to write into one store; returns the first difference.
-    pub fn incompatibility(&self, other: &StoreConfig) -> Option<String> {
-        let pairs: [(&str, String, String); 10] = [
-            (
-                "format_version",
-                self.format_version.to_string(),
-                other.format_version.to_string(),
-            ),
-            (
-                "resolution",
-                self.resolution.to_string(),
-                other.resolution.to_string(),
-            ),
-            (
-                "max_sequence_length",
-                self.max_sequence_length.to_string(),
-                other.max_sequence_length.to_string(),
-            ),
-            (
-                "complex_human_instruction",
-                format!("{:?}", self.complex_human_instruction),
-                format!("{:?}", other.complex_human_instruction),
-            ),
-            (
-                "latent_dtype",
-                self.latent_dtype.name().into(),
-                other.latent_dtype.name().into(),
-            ),
-            (
-                "embed_dtype",
-                self.embed_dtype.name().into(),
-                other.embed_dtype.name().into(),
-            ),
-            (
-                "vae fingerprint",
-                self.models.vae.fingerprint.clone(),
-                other.models.vae.fingerprint.clone(),
-            ),
-            (
-                "text_encoder fingerprint",
-                self.models.text_encoder.fingerprint.clone(),
-                other.models.text_encoder.fingerprint.clone(),
-            ),
-            (
-                "tokenizer fingerprint",
-                self.models.tokenizer.fingerprint.clone(),
-                other.models.tokenizer.fingerprint.clone(),
-            ),
-            (
-                "preprocess",
-                serde_json::to_string(&self.preprocess).unwrap_or_default(),
-                serde_json::to_string(&other.preprocess).unwrap_or_default(),
-            ),
-        ];
-        pairs
-            .into_iter()
-            .find(|(_, a, b)| a != b)
-            .map(|(what, a, b)| format!("{what} differs: store has {a}, this run has {b}"))
     }
 }
 

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::fingerprint::fingerprint_folder;
+use crate::rng::SeededRng;
 use crate::store::{LatentRow, LatentStore, RowReader, StoreConfig, StoredRow};
 
 /// Where the loader is: batch `batch` of epoch `epoch` is the next one it yields. Saved in checkpoints.
@@ -106,25 +106,12 @@ impl LoaderPosition {
     }
 }
 
-/// SplitMix64: small, seedable, and identical on every platform (the order must survive a resume).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 /// The row order of `epoch`: a Fisher–Yates shuffle of `0..n` seeded by `(seed, epoch)`.
 pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<u64> {
-    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut rng = SeededRng::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
     let mut perm: Vec<u64> = (0..n as u64).collect();
     for i in (1..n).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         perm.swap(i, j);
     }
     perm
@@ -225,45 +212,6 @@ pub fn negative_batch(config: &StoreConfig, batch_size: usize) -> Result<(Vec<f3
         mask[b * l..b * l + n].iter_mut().for_each(|m| *m = 1.0);
     }
     Ok((emb, mask))
-}
-
-/// Compares the store's VAE / text-encoder / tokenizer fingerprints with a teacher pipeline folder; returns
-/// one line per difference (empty when they agree).
-pub fn fingerprint_mismatches(config: &StoreConfig, teacher_root: &Path) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for (sub, stored, files) in [
-        ("vae", &config.models.vae, &["config.json"][..]),
-        (
-            "text_encoder",
-            &config.models.text_encoder,
-            &["config.json"][..],
-        ),
-        (
-            "tokenizer",
-            &config.models.tokenizer,
-            &[
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-            ][..],
-        ),
-    ] {
-        let dir = teacher_root.join(sub);
-        if !dir.is_dir() {
-            out.push(format!(
-                "{sub}: the teacher folder has no {sub}/ to compare with"
-            ));
-            continue;
-        }
-        let now = fingerprint_folder(&dir, files)?;
-        if now != stored.fingerprint {
-            out.push(format!(
-                "{sub}: store was made with {} ({}), teacher folder has {now}",
-                stored.origin, stored.fingerprint
-            ));
-        }
-    }
-    Ok(out)
 }
 
 /// The batches from `start` on, endlessly: `(position, store offsets)`, a pure function of (seed, epoch, batch).

@@ -13,7 +13,7 @@ use crate::models::sana::TextContext;
 use crate::models::trigflow::SanaTrigFlow;
 use crate::nn::checkpoint::Recompute;
 use crate::nn::dual::Dual;
-use crate::nn::rng::InitRng;
+use crate::rng::SeededRng;
 use crate::train::loss::{self, TimestepSampler, TANGENT_NORM_CONST};
 use crate::{Error, Result};
 
@@ -118,7 +118,7 @@ pub struct DiscriminatorDraws {
 
 /// Host-side draws turned into device tensors.
 struct Drawer<'a> {
-    rng: &'a mut InitRng,
+    rng: &'a mut SeededRng,
     device: &'a Device,
 }
 
@@ -175,7 +175,7 @@ impl Drawer<'_> {
 impl GeneratorDraws {
     /// Draws in this order: noise, t, cfg, [t', uniform, noise'] (largest timestep), t_D, noise_D.
     pub fn sample(
-        rng: &mut InitRng,
+        rng: &mut SeededRng,
         latent_shape: &[usize],
         settings: &StepSettings,
         device: &Device,
@@ -198,7 +198,7 @@ impl DiscriminatorDraws {
     /// Draws in this order: noise, t, cfg, [uniform, noise] (largest timestep), t_D, noise_fake, noise_real,
     /// [t_shift, noise_shift] (misaligned pairs, B > 1).
     pub fn sample(
-        rng: &mut InitRng,
+        rng: &mut SeededRng,
         latent_shape: &[usize],
         settings: &StepSettings,
         device: &Device,

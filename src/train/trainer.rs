@@ -11,158 +11,25 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::models::discriminator::DiscHeads;
-use crate::models::sana::{SanaConfig, SanaTransformer2DModel, SelfAttention};
-use crate::models::student::{GuidanceInit, Student};
+use crate::models::sana::{SanaConfig, SanaTransformer2DModel};
+use crate::models::student::Student;
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
-use crate::nn::rng::InitRng;
-use crate::prep::MixedPrecision;
-use crate::store::{LatentStore, StoreConfig};
+use crate::rng::SeededRng;
+use crate::store::{compat, LatentStore};
 use crate::train::checkpoint::{self, Phase, TrainerState, CHECKPOINT_VERSION};
 use crate::train::loader::{
-    batches_per_epoch, fingerprint_mismatches, negative_batch, LoaderOptions, LoaderPosition,
-    StoreLoader,
+    batches_per_epoch, negative_batch, LoaderOptions, LoaderPosition, StoreLoader,
 };
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, LrScheduleKind};
-use crate::train::step::{self, Batch, DiscriminatorDraws, GeneratorDraws, Models, StepSettings};
+use crate::train::optim::{clip_grad_norm, AdamW, LrSchedule};
+pub use crate::train::options::TrainOptions;
+use crate::train::step::{self, Batch, DiscriminatorDraws, GeneratorDraws, Models};
 use crate::train::validation::{ValidationSettings, Validator};
 use crate::{Error, Result};
-
-/// Everything a run needs (the `sprint-train` flags, resolved).
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    /// Teacher pipeline folder (`transformer/`, and `vae/` + `text_encoder/` + `tokenizer/` for validation).
-    pub pretrained_model_name_or_path: PathBuf,
-    pub latents: PathBuf,
-    pub output_dir: PathBuf,
-    pub train_batch_size: usize,
-    pub num_train_epochs: u64,
-    pub max_train_steps: Option<u64>,
-    pub gradient_accumulation_steps: usize,
-    pub learning_rate: f64,
-    pub scale_lr: bool,
-    pub lr_scheduler: LrScheduleKind,
-    pub lr_warmup_steps: u64,
-    pub lr_num_cycles: u64,
-    pub lr_power: f64,
-    pub adam: AdamWConfig,
-    pub gradient_clip: f64,
-    pub mixed_precision: MixedPrecision,
-    pub seed: u64,
-    pub step: StepSettings,
-    pub head_block_ids: Vec<usize>,
-    pub guidance_init: GuidanceInit,
-    pub self_attention: SelfAttention,
-    pub gradient_checkpointing: bool,
-    pub checkpointing_steps: u64,
-    pub checkpoints_total_limit: Option<usize>,
-    pub resume_from_checkpoint: Option<String>,
-    pub validation_prompts: Vec<String>,
-    pub num_validation_images: usize,
-    /// Validate every this many global steps (and at the end).
-    pub validation_steps: Option<u64>,
-    pub validation_timesteps: Vec<f64>,
-    pub upcast_before_saving: bool,
-    pub allow_store_mismatch: bool,
-    pub device: Device,
-    pub prefetch: usize,
-    pub progress: bool,
-    /// The run's full configuration, written to `output_dir/train_config.json`.
-    pub config_json: serde_json::Value,
-    /// Test hook: batches (by consumption index) whose loss is replaced by NaN.
-    #[doc(hidden)]
-    pub inject_nan_batches: Vec<u64>,
-    /// Test hook: stop right after this global step (and its checkpoint), as if the process were killed.
-    #[doc(hidden)]
-    pub kill_after_step: Option<u64>,
-}
-
-impl TrainOptions {
-    /// Defaults of the reference script for everything but the paths.
-    pub fn new(teacher: PathBuf, latents: PathBuf, output_dir: PathBuf) -> Self {
-        Self {
-            pretrained_model_name_or_path: teacher,
-            latents,
-            output_dir,
-            train_batch_size: 4,
-            num_train_epochs: 1,
-            max_train_steps: None,
-            gradient_accumulation_steps: 1,
-            learning_rate: 1e-4,
-            scale_lr: false,
-            lr_scheduler: LrScheduleKind::Constant,
-            lr_warmup_steps: 500,
-            lr_num_cycles: 1,
-            lr_power: 1.0,
-            adam: AdamWConfig::default(),
-            gradient_clip: 0.1,
-            mixed_precision: MixedPrecision::No,
-            seed: 0,
-            step: StepSettings::default(),
-            head_block_ids: crate::models::discriminator::DEFAULT_HEAD_BLOCK_IDS.to_vec(),
-            guidance_init: GuidanceInit::Learnable,
-            self_attention: SelfAttention::Linear,
-            gradient_checkpointing: false,
-            checkpointing_steps: 500,
-            checkpoints_total_limit: None,
-            resume_from_checkpoint: None,
-            validation_prompts: Vec::new(),
-            num_validation_images: 4,
-            validation_steps: None,
-            validation_timesteps: vec![step::LARGEST_TIMESTEP, 1.3],
-            upcast_before_saving: false,
-            allow_store_mismatch: false,
-            device: Device::Cpu,
-            prefetch: 4,
-            progress: false,
-            config_json: serde_json::Value::Null,
-            inject_nan_batches: Vec::new(),
-            kill_after_step: None,
-        }
-    }
-
-    fn compute_dtype(&self) -> DType {
-        match self.mixed_precision {
-            MixedPrecision::No => DType::F32,
-            MixedPrecision::Bf16 => DType::BF16,
-        }
-    }
-
-    fn check(&self) -> Result<()> {
-        let positive = [
-            ("--train_batch_size", self.train_batch_size as u64),
-            (
-                "--gradient_accumulation_steps",
-                self.gradient_accumulation_steps as u64,
-            ),
-            ("--checkpointing_steps", self.checkpointing_steps),
-        ];
-        for (flag, value) in positive {
-            if value == 0 {
-                return Err(Error::Arg(format!("{flag} must be at least 1")));
-            }
-        }
-        if self.checkpoints_total_limit == Some(0) {
-            return Err(Error::Arg(
-                "--checkpoints_total_limit must be at least 1 (leave it out to keep every checkpoint)"
-                    .into(),
-            ));
-        }
-        if self.gradient_clip.is_nan() || self.gradient_clip <= 0.0 {
-            return Err(Error::Arg("--gradient_clip must be positive".into()));
-        }
-        if self.head_block_ids.is_empty() {
-            return Err(Error::Arg(
-                "--head_block_ids needs at least one block".into(),
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// What a finished run did.
 #[derive(Debug, Clone)]
@@ -194,53 +61,6 @@ struct Last {
     grad_norm_d: Option<f64>,
 }
 
-/// Store checks before any model is loaded: the store must fit the teacher and have been made with the
-/// teacher folder's VAE and text encoder (unless explicitly allowed).
-fn check_store(
-    store: &StoreConfig,
-    store_path: &Path,
-    teacher_root: &Path,
-    teacher: &SanaConfig,
-    allow_mismatch: bool,
-) -> Result<()> {
-    if store.text_hidden_size != teacher.caption_channels {
-        return Err(Error::store(
-            store_path,
-            format!(
-                "prompt embeddings are {}-wide but the teacher's caption_channels is {}: this store was made \
-                 for another model family",
-                store.text_hidden_size, teacher.caption_channels
-            ),
-        ));
-    }
-    if store.latent_shape[0] != teacher.in_channels {
-        return Err(Error::store(
-            store_path,
-            format!(
-                "latents have {} channels but the teacher expects {}",
-                store.latent_shape[0], teacher.in_channels
-            ),
-        ));
-    }
-    let mismatches = fingerprint_mismatches(store, teacher_root)?;
-    if !mismatches.is_empty() && !allow_mismatch {
-        return Err(Error::store(
-            store_path,
-            format!(
-                "the store was not made with this teacher folder's encoders:\n  {}\nre-run sprint-prep with \
-                 --pretrained_model_name_or_path {}, or pass --allow_store_mismatch if you know they are \
-                 equivalent",
-                mismatches.join("\n  "),
-                teacher_root.display()
-            ),
-        ));
-    }
-    for m in &mismatches {
-        tracing::warn!("store/teacher mismatch allowed: {m}");
-    }
-    Ok(())
-}
-
 /// Adds the gradients of `vars` found in `grads` into `acc`.
 fn accumulate(acc: &mut GradStore, grads: &GradStore, vars: &[Var]) -> Result<()> {
     for var in vars {
@@ -257,22 +77,9 @@ fn accumulate(acc: &mut GradStore, grads: &GradStore, vars: &[Var]) -> Result<()
 }
 
 /// The per-batch generator seed: SplitMix64 of the run seed and the batch counter.
-fn batch_rng(seed: u64, batch: u64) -> InitRng {
-    let mut mix = InitRng::new(seed ^ batch.wrapping_mul(0xD6E8_FEB8_6659_FD93));
-    InitRng::new(mix.next_u64())
-}
-
-/// Peak resident memory of this process in bytes (Linux), for the summary.
-pub fn peak_rss_bytes() -> Option<u64> {
-    proc_status_bytes("VmHWM:")
-}
-
-/// A memory field of `/proc/self/status` (`VmRSS:`, `VmHWM:`, …) in bytes (Linux only).
-pub fn proc_status_bytes(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+fn batch_rng(seed: u64, batch: u64) -> SeededRng {
+    let mut mix = SeededRng::new(seed ^ batch.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    SeededRng::new(mix.next_u64())
 }
 
 /// Keeps only the metric lines up to `step` (a resume continues the log without duplicates).
@@ -336,7 +143,7 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
     let store_config = store.config().clone();
     let store_rows = store.len()?;
     drop(store);
-    check_store(
+    compat::check_fits_teacher(
         &store_config,
         &opts.latents,
         root,
@@ -536,6 +343,7 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
                 timesteps,
                 seed: opts.seed,
                 sigma_data: opts.step.sigma_data,
+                mixed_precision: opts.mixed_precision,
                 ..ValidationSettings::default()
             },
             device,

@@ -3,7 +3,7 @@
 //!
 //! The sampler runs the TrigFlow wrapper once per step — the recommended form of SPEC §8.12 / §8.14 #8 (the
 //! reference script's validation applies the wrapper twice). Noise comes in from the caller, so a seeded
-//! [`InitRng`] makes [`Validator`] images reproducible.
+//! [`SeededRng`] makes [`Validator`] images reproducible.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +14,7 @@ use crate::models::dcae::{DcaeConfig, DcaeDecoder};
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
 use crate::nn::dual::Dual;
-use crate::nn::rng::InitRng;
+use crate::rng::SeededRng;
 use crate::text::{PromptEncoder, COMPLEX_HUMAN_INSTRUCTION};
 use crate::{Error, Result};
 
@@ -331,6 +331,8 @@ pub struct ValidationSettings {
     pub sigma_data: f64,
     /// Seed of the noise: every run with the same seed draws the same noise.
     pub seed: u64,
+    /// `--mixed_precision` of the run (what it means for validation: see [`crate::device::MixedPrecision`]).
+    pub mixed_precision: crate::device::MixedPrecision,
 }
 
 impl Default for ValidationSettings {
@@ -344,6 +346,7 @@ impl Default for ValidationSettings {
             guidance_scale: GUIDANCE_SCALE,
             sigma_data: SIGMA_DATA,
             seed: 0,
+            mixed_precision: crate::device::MixedPrecision::No,
         }
     }
 }
@@ -441,7 +444,7 @@ impl Validator {
     }
 
     /// Samples `images_per_prompt` images per prompt with `student` (no graph is built) and decodes them.
-    /// Noise is drawn from `InitRng::new(seed)` prompt by prompt: the initial noise (n, C, h, w), then one
+    /// Noise is drawn from `SeededRng::new(seed)` prompt by prompt: the initial noise (n, C, h, w), then one
     /// (n, C, h, w) draw per step; so equal seeds and weights give equal images. Returns the images
     /// prompt-major.
     pub fn images(&self, student: &SanaTrigFlow) -> Result<Vec<RgbImage>> {
@@ -455,7 +458,7 @@ impl Validator {
             s.width / compression,
         );
         let device = self.prompt_embeds.device();
-        let mut rng = InitRng::new(s.seed);
+        let mut rng = SeededRng::new(s.seed);
         let mut images = Vec::new();
         for p in 0..self.prompt_embeds.dim(0)? {
             let n = s.images_per_prompt;

@@ -29,11 +29,12 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use clap::{Args, Parser, Subcommand};
+use sana_sprint::device::{self, MixedPrecision};
 use sana_sprint::hub::HubConfig;
 use sana_sprint::models::dcae::{DcaeConfig, DcaeEncoder};
 use sana_sprint::models::gemma2::{Gemma2Config, Gemma2Encoder};
 use sana_sprint::models::sana::SanaConfig;
-use sana_sprint::prep::{self, MixedPrecision, PrepOptions};
+use sana_sprint::prep::{self, PrepOptions};
 use sana_sprint::train::trainer::{self, TrainOptions};
 use serde_json::{json, Map, Value};
 
@@ -50,7 +51,7 @@ use random::{NormWeights, PipelineSpec};
 )]
 struct Cli {
     /// cpu, cuda or cuda:N (cuda by default in CUDA builds).
-    #[arg(long, global = true, default_value = prep::default_device())]
+    #[arg(long, global = true, default_value = device::default_device())]
     device: String,
     /// Tiny sizes and few iterations: the whole set runs on a CPU in a minute or two.
     #[arg(long, global = true)]
@@ -367,10 +368,7 @@ fn gemma_key(smoke: bool, a: &GemmaArgs) -> String {
 
 fn gemma(ctx: &Ctx, a: &GemmaArgs) -> Result<Record> {
     let (layers, vocab, tokens, iters) = gemma_sizes(ctx.smoke, a);
-    let dtype = match a.mixed_precision {
-        MixedPrecision::Bf16 => DType::BF16,
-        MixedPrecision::No => DType::F32,
-    };
+    let dtype = a.mixed_precision.dtype();
     let cfg: Gemma2Config = serde_json::from_value(random::gemma_config(layers, vocab))?;
     let vb = VarBuilder::from_backend(
         Box::new(random::DeviceRandom {
@@ -380,7 +378,7 @@ fn gemma(ctx: &Ctx, a: &GemmaArgs) -> Result<Record> {
         ctx.device.clone(),
     );
     let encoder = Gemma2Encoder::new(&cfg, vb)?;
-    let mut rng = sana_sprint::nn::rng::InitRng::new(1);
+    let mut rng = sana_sprint::rng::SeededRng::new(1);
     let ids: Vec<u32> = (0..a.batch * tokens)
         .map(|i| {
             if i % tokens == 0 {
@@ -609,7 +607,7 @@ impl TrainRun {
             ));
         }
         add_device_metrics(&mut metrics, &mut notes, samples, window);
-        if let Some(rss) = trainer::peak_rss_bytes() {
+        if let Some(rss) = sana_sprint::system::peak_rss_bytes() {
             metrics.insert(
                 "peak_host_rss_gib".into(),
                 (rss as f64 / 1073741824.0).into(),
@@ -863,7 +861,7 @@ fn run(cli: &Cli) -> Result<bool> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("sana-sprint-bench"));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let opened = prep::parse_device(&cli.device);
+    let opened = device::parse_device(&cli.device);
     let ctx = Ctx {
         started: Instant::now(),
         card: opened

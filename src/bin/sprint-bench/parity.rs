@@ -23,7 +23,7 @@ use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel};
 use sana_sprint::models::student::{GuidanceInit, Student};
 use sana_sprint::models::trigflow::SanaTrigFlow;
 use sana_sprint::nn::dual::Dual;
-use sana_sprint::nn::rng::InitRng;
+use sana_sprint::rng::SeededRng;
 use sana_sprint::train::step::{
     self, Batch, DiscriminatorDraws, GeneratorDraws, Models, StepSettings,
 };
@@ -89,7 +89,7 @@ fn rel_l2(a: &[Tensor], b: &[Tensor]) -> Result<f64> {
     Ok(if norm > 0.0 { diff / norm } else { diff })
 }
 
-fn normal(rng: &mut InitRng, shape: &[usize], scale: f64) -> Result<Tensor> {
+fn normal(rng: &mut SeededRng, shape: &[usize], scale: f64) -> Result<Tensor> {
     let n = shape.iter().product();
     Ok(Tensor::from_vec(rng.normal(n), shape, &Device::Cpu)?.affine(scale, 0.0)?)
 }
@@ -107,7 +107,7 @@ struct Inputs {
 }
 
 fn inputs() -> Result<Inputs> {
-    let mut rng = InitRng::new(42);
+    let mut rng = SeededRng::new(42);
     let t = Tensor::new(&[0.4f32, 1.2], &Device::Cpu)?;
     let mut mask = vec![1f32; 24];
     mask[12 + 7..].iter_mut().for_each(|m| *m = 0.0);
@@ -167,7 +167,7 @@ fn student_jvp(tiny: &Path, dtype: DType, device: &Device) -> Result<Outputs> {
 /// DC-AE encode of a 64×64 image and decode of a fixed latent.
 fn dcae(tiny: &Path, dtype: DType, device: &Device) -> Result<Outputs> {
     let vae = AutoencoderDc::load(&tiny.join("vae"), dtype, device)?;
-    let mut rng = InitRng::new(7);
+    let mut rng = SeededRng::new(7);
     let image = Tensor::from_vec(rng.uniform(3 * 64 * 64, 1.0), (1, 3, 64, 64), &Device::Cpu)?;
     let latent = normal(&mut rng, &[1, 32, 2, 2], 1.0)?;
     let encoded = vae.encode(&dev(&image, device)?.to_dtype(dtype)?)?;
@@ -179,7 +179,7 @@ fn dcae(tiny: &Path, dtype: DType, device: &Device) -> Result<Outputs> {
 fn gemma(tiny: &Path, dtype: DType, device: &Device) -> Result<Outputs> {
     let encoder = Gemma2Encoder::load(&tiny.join("text_encoder"), dtype, device)?;
     let vocab = encoder.config().vocab_size as u64;
-    let mut rng = InitRng::new(9);
+    let mut rng = SeededRng::new(9);
     let ids: Vec<u32> = (0..48)
         .map(|i| {
             if i % 24 == 0 {
@@ -226,7 +226,7 @@ fn step_settings() -> StepSettings {
 /// A batch of 2 (the second prompt padded after 7 tokens; negative prompt: BOS only).
 fn batch(device: &Device) -> Result<Batch> {
     let i = inputs()?;
-    let mut rng = InitRng::new(11);
+    let mut rng = SeededRng::new(11);
     let mut neg_mask = vec![0f32; 24];
     neg_mask[0] = 1.0;
     neg_mask[12] = 1.0;
@@ -261,7 +261,7 @@ fn generator_step(tiny: &Path, dtype: DType, device: &Device) -> Result<Outputs>
     let s = step_settings();
     let b = batch(device)?;
     // drawn on the host whatever the device, so both devices see the same values
-    let draws = GeneratorDraws::sample(&mut InitRng::new(3), b.x0.dims(), &s, device)?;
+    let draws = GeneratorDraws::sample(&mut SeededRng::new(3), b.x0.dims(), &s, device)?;
     let (student, frozen) = m.student.compute_models(dtype)?;
     let models = Models {
         teacher: &m.teacher,
@@ -298,7 +298,7 @@ fn discriminator_step(tiny: &Path, dtype: DType, device: &Device) -> Result<Outp
     let m = step_models(tiny, dtype, device)?;
     let s = step_settings();
     let b = batch(device)?;
-    let draws = DiscriminatorDraws::sample(&mut InitRng::new(4), b.x0.dims(), &s, device)?;
+    let draws = DiscriminatorDraws::sample(&mut SeededRng::new(4), b.x0.dims(), &s, device)?;
     let (student, frozen) = m.student.compute_models(dtype)?;
     let models = Models {
         teacher: &m.teacher,

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use sana_sprint::models::dcae::{DcaeConfig, DcaeEncoder};
 use sana_sprint::models::gemma2::{Gemma2Config, Gemma2Encoder};
 use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel};
-use sana_sprint::nn::rng::InitRng;
+use sana_sprint::rng::SeededRng;
 use sana_sprint::store::{
     FloatEncoding, LatentRow, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
     StoreDType, StoreWriter,
@@ -200,11 +200,11 @@ fn fill<T: Send>(
     convert: impl Fn(f32) -> T + Sync,
 ) -> Vec<T> {
     const CHUNK: usize = 1 << 20;
-    let base = InitRng::for_name(seed, name).next_u64();
+    let base = SeededRng::for_name(seed, name).next_u64();
     (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .flat_map_iter(|c| {
-            let mut rng = InitRng::new(base ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng = SeededRng::new(base ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let len = CHUNK.min(n - c * CHUNK);
             let convert = &convert;
             (0..len).map(move |_| {
@@ -739,7 +739,7 @@ pub fn write_tokenizer(dir: &Path, vocab: usize) -> Result<()> {
 }
 
 /// A caption of 40–120 words from [`CAPTION_WORDS`], like a long LLaVA description.
-pub fn caption(rng: &mut InitRng) -> String {
+pub fn caption(rng: &mut SeededRng) -> String {
     let n = 40 + (rng.next_u64() % 81) as usize;
     let mut words = Vec::with_capacity(n);
     for i in 0..n {
@@ -767,7 +767,7 @@ pub fn caption(rng: &mut InitRng) -> String {
 /// Encoded image bytes: a smooth gradient with rectangles and noise, `width`×`height`, JPEG (quality 90) or
 /// PNG.
 pub fn image_bytes(seed: u64, width: u32, height: u32, png: bool) -> Result<Vec<u8>> {
-    let mut rng = InitRng::new(seed);
+    let mut rng = SeededRng::new(seed);
     let mut c = [[0f32; 3]; 2];
     for corner in &mut c {
         for ch in corner.iter_mut() {
@@ -826,7 +826,7 @@ pub fn write_shards(
         let made: Vec<(Vec<u8>, String)> = range
             .into_par_iter()
             .map(|i| {
-                let mut rng = InitRng::new(1000 + i as u64);
+                let mut rng = SeededRng::new(1000 + i as u64);
                 let short = resolution + (rng.next_u64() % (resolution as u64 / 4 + 1)) as u32;
                 let long = short + (rng.next_u64() % (short as u64 / 2 + 1)) as u32;
                 let (w, h) = if i % 2 == 0 {
@@ -908,7 +908,7 @@ pub fn random_store(
             byte_stream_split: true,
         },
     )?;
-    let mut rng = InitRng::new(5);
+    let mut rng = SeededRng::new(5);
     let shortest = (seq_len * 2 / 5).max(1);
     for i in 0..rows {
         let len = shortest + (i * 37) % (seq_len - shortest + 1);
@@ -1013,7 +1013,7 @@ mod tests {
         );
         // the reference (tools/gpu/reference_bench.py) builds the same tokenizer: 197 + 300 - 2 = 495 tokens
         assert_eq!(enc.len(), 197, "instruction tokens with BOS");
-        let text = caption(&mut InitRng::new(3)).to_lowercase();
+        let text = caption(&mut SeededRng::new(3)).to_lowercase();
         let enc = tok.encode(text.as_str(), true).unwrap();
         assert!(!enc.get_ids().contains(&3), "no unknown token in {text:?}");
     }

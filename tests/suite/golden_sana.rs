@@ -4,8 +4,8 @@
 //! `torch.func.jvp`. Plus: the real 0.6B/1.6B checkpoint key lists and parameter counts, built through the same
 //! constructor without allocating the weights.
 
-mod common;
-use common::{fixture_path, load_fixture};
+use crate::common;
+use crate::common::{fixture_path, load_fixture};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

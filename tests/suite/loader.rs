@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use sana_sprint::hub::HubConfig;
 use sana_sprint::prep::{self, PrepOptions};
+use sana_sprint::store::compat::fingerprint_mismatches;
 use sana_sprint::store::{
     FloatEncoding, LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo,
     StoreConfig, StoreDType, StoreWriter,
 };
 use sana_sprint::train::loader::{
-    epoch_permutation, fingerprint_mismatches, negative_batch, LoaderOptions, LoaderPosition,
-    StoreLoader,
+    epoch_permutation, negative_batch, LoaderOptions, LoaderPosition, StoreLoader,
 };
 
 const D: usize = 6;

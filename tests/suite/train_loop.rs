@@ -8,8 +8,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
+use sana_sprint::device::MixedPrecision;
 use sana_sprint::hub::HubConfig;
-use sana_sprint::prep::{self, MixedPrecision, PrepOptions};
+use sana_sprint::prep::{self, PrepOptions};
 use sana_sprint::train::checkpoint;
 use sana_sprint::train::trainer::{self, TrainOptions};
 

@@ -5,12 +5,12 @@
 //! Tolerances (f32 everywhere): final latent rel ≤ 1e-4 (max |Δ| / max |ref|); uint8 images within 1 level
 //! (a value a rounding boundary apart), with at most 1% of the pixels off by one.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 
+use crate::common::{fixture_config, fixture_path, load_fixture};
 use candle_core::{DType, Device, Tensor};
-use common::{fixture_config, fixture_path, load_fixture};
 use sana_sprint::models::sana::SanaConfig;
 use sana_sprint::models::student::Student;
 use sana_sprint::models::weights::Weights;

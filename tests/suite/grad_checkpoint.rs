@@ -19,7 +19,7 @@ use candle_nn::{VarBuilder, VarMap};
 use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel, SelfAttention};
 use sana_sprint::models::trigflow::SanaTrigFlow;
 use sana_sprint::nn::dual::Dual;
-use sana_sprint::nn::rng::InitRng;
+use sana_sprint::rng::SeededRng;
 
 /// Seed of the random weights and inputs.
 const SEED: u64 = 20;
@@ -58,7 +58,7 @@ fn random_student(varmap: &VarMap, dev: &Device) -> anyhow::Result<()> {
     let transformer = SanaTransformer2DModel::new(&small_config(), vb.clone())?;
     SanaTrigFlow::with_logvar(transformer, &vb)?;
     for (name, var) in varmap.data().lock().unwrap().iter() {
-        let mut rng = InitRng::for_name(SEED, name);
+        let mut rng = SeededRng::for_name(SEED, name);
         let dims = var.dims();
         let value = if name.ends_with("norm_q.weight")
             || name.ends_with("norm_k.weight")
@@ -105,7 +105,7 @@ struct Inputs {
 }
 
 fn inputs(dev: &Device) -> anyhow::Result<Inputs> {
-    let mut rng = InitRng::new(SEED);
+    let mut rng = SeededRng::new(SEED);
     // a non-square 4×3 latent grid, 5 caption tokens with padding in the first prompt
     Ok(Inputs {
         x: rng.normal_tensor((2, 8, 4, 3), 0.0, 1.0, dev)?,

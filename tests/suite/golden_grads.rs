@@ -3,8 +3,8 @@
 //! transformer fixture. Rust side in f32: the student as trainable `Var`s ([`Student::from_weights`], linear
 //! self-attention), the teacher as plain tensors with only its input a `Var` (the adversarial term's path).
 
-mod common;
-use common::{fixture_path, load_fixture};
+use crate::common;
+use crate::common::{fixture_path, load_fixture};
 
 use std::collections::HashMap;
 

@@ -2,7 +2,7 @@
 //! tools/golden/make_golden_dcae_variants.py, torch 2.15 / diffusers 0.42.1, f32 CPU), the real SANA
 //! checkpoint's key list, and load errors.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -182,7 +182,7 @@ fn indivisible_or_wrong_inputs_are_rejected() {
 }
 
 /// The SANA 1.0 / 1.1 DC-AE `vae/config.json` (SPEC §1.2).
-const SANA_VAE_CONFIG: &str = include_str!("fixtures/configs/dcae_f32c32_sana_vae.json");
+const SANA_VAE_CONFIG: &str = include_str!("../fixtures/configs/dcae_f32c32_sana_vae.json");
 
 /// A VarBuilder backend that records every requested (name, shape) and hands out zero-stride tensors, so
 /// that the real-size model is built by its normal constructor without allocating its weights.

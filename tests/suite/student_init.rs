@@ -3,8 +3,8 @@
 //! teacher (checked against the torch teacher's output of tests/fixtures/sana_transformer_tiny, f32, relative
 //! L2 < 1e-4); only the learnable guidance init lets training make the output depend on the guidance scale.
 
-mod common;
-use common::fixture_path;
+use crate::common;
+use crate::common::fixture_path;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

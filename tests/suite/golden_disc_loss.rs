@@ -3,8 +3,8 @@
 //! (tools/golden/make_golden.py), disc_logits_tiny.* (tools/golden/make_golden_disc_logits.py: heads on the
 //! tapped tiny teacher, with autograd gradients). All Rust computations here are f32 unless stated.
 
-mod common;
-use common::{fixture_path, load_fixture};
+use crate::common;
+use crate::common::{fixture_path, load_fixture};
 
 use std::collections::HashMap;
 

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: where fixtures live and how to load them.
-#![allow(dead_code)] // each test crate uses its own subset
+#![allow(dead_code)] // each test module uses its own subset
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -73,4 +73,40 @@ pub fn l2_norm(t: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
         .sqrt()
+}
+
+/// Largest |got − want|, in f64 (shapes must agree).
+pub fn max_abs_diff(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims(), "shape mismatch");
+    let d = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap()).unwrap();
+    max_abs(&d)
+}
+
+/// ‖got − want‖₂ / ‖want‖₂ in f64 (the absolute error when `want` is all zero; shapes must agree).
+pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims(), "shape mismatch");
+    let d = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap()).unwrap();
+    let (err, norm) = (l2_norm(&d), l2_norm(want));
+    if norm == 0.0 {
+        err
+    } else {
+        err / norm
+    }
+}
+
+/// Asserts `rel_l2(got, want) < tol` and prints both error measures (visible with `--nocapture`).
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    let (rel, abs) = (rel_l2(got, want), max_abs_diff(got, want));
+    println!("{what}: rel L2 {rel:.3e}, max abs {abs:.3e}");
+    assert!(
+        rel < tol,
+        "{what}: relative L2 error {rel:.3e} >= {tol:.1e} (max abs {abs:.3e})"
+    );
+}
+
+/// Asserts `max_abs_diff(got, want) <= tol` and prints it.
+pub fn assert_max_abs(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    let abs = max_abs_diff(got, want);
+    println!("{what}: max abs {abs:.3e}");
+    assert!(abs <= tol, "{what}: max abs error {abs:.3e} > {tol:.1e}");
 }

@@ -1,13 +1,14 @@
-//! A seedable generator for weight initialisation (candle's CPU generator cannot be seeded): SplitMix64 for
-//! uniforms, Box–Muller for normals. Reproducible across runs and platforms; not for cryptography.
+//! The one seedable generator of the project: SplitMix64 for integers and uniforms, Box–Muller for normals.
+//! It initialises weights (candle's CPU generator cannot be seeded), draws every per-batch random input of a
+//! training step and shuffles the store each epoch. Reproducible across runs and platforms; not for cryptography.
 
 use candle_core::{Device, Result, Shape, Tensor};
 
 /// SplitMix64 state; the same seed always yields the same sequence.
 #[derive(Clone, Debug)]
-pub struct InitRng(u64);
+pub struct SeededRng(u64);
 
-impl InitRng {
+impl SeededRng {
     pub fn new(seed: u64) -> Self {
         Self(seed)
     }
@@ -90,21 +91,21 @@ mod tests {
 
     #[test]
     fn same_seed_same_sequence_and_names_are_independent_streams() {
-        assert_eq!(InitRng::new(3).normal(64), InitRng::new(3).normal(64));
-        assert_ne!(InitRng::new(3).normal(64), InitRng::new(4).normal(64));
+        assert_eq!(SeededRng::new(3).normal(64), SeededRng::new(3).normal(64));
+        assert_ne!(SeededRng::new(3).normal(64), SeededRng::new(4).normal(64));
         assert_eq!(
-            InitRng::for_name(1, "a.weight").uniform(8, 1.0),
-            InitRng::for_name(1, "a.weight").uniform(8, 1.0)
+            SeededRng::for_name(1, "a.weight").uniform(8, 1.0),
+            SeededRng::for_name(1, "a.weight").uniform(8, 1.0)
         );
         assert_ne!(
-            InitRng::for_name(1, "a.weight").uniform(8, 1.0),
-            InitRng::for_name(1, "b.weight").uniform(8, 1.0)
+            SeededRng::for_name(1, "a.weight").uniform(8, 1.0),
+            SeededRng::for_name(1, "b.weight").uniform(8, 1.0)
         );
     }
 
     #[test]
     fn draws_have_the_requested_distribution() {
-        let mut rng = InitRng::new(0);
+        let mut rng = SeededRng::new(0);
         let (mean, std) = mean_std(&rng.normal(200_000));
         assert!(
             mean.abs() < 0.01 && (std - 1.0).abs() < 0.01,

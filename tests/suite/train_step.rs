@@ -3,7 +3,7 @@
 //! random draw injected: losses, intermediate tensors, pre-clip gradients and norms, and the parameters after
 //! the clipped AdamW update. f32; relative L2 error ≤ 1e-4 per tensor and relative error ≤ 1e-4 per scalar.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

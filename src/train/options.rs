@@ -1,0 +1,141 @@
+//! `TrainOptions`: everything a sprint-train run needs, with the defaults of the reference script.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+
+use crate::device::MixedPrecision;
+use crate::models::sana::SelfAttention;
+use crate::models::student::GuidanceInit;
+use crate::train::optim::{AdamWConfig, LrScheduleKind};
+use crate::train::step::{self, StepSettings};
+use crate::{Error, Result};
+
+/// Everything a run needs (the `sprint-train` flags, resolved).
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Teacher pipeline folder (`transformer/`, and `vae/` + `text_encoder/` + `tokenizer/` for validation).
+    pub pretrained_model_name_or_path: PathBuf,
+    pub latents: PathBuf,
+    pub output_dir: PathBuf,
+    pub train_batch_size: usize,
+    pub num_train_epochs: u64,
+    pub max_train_steps: Option<u64>,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub scale_lr: bool,
+    pub lr_scheduler: LrScheduleKind,
+    pub lr_warmup_steps: u64,
+    pub lr_num_cycles: u64,
+    pub lr_power: f64,
+    pub adam: AdamWConfig,
+    pub gradient_clip: f64,
+    pub mixed_precision: MixedPrecision,
+    pub seed: u64,
+    pub step: StepSettings,
+    pub head_block_ids: Vec<usize>,
+    pub guidance_init: GuidanceInit,
+    pub self_attention: SelfAttention,
+    pub gradient_checkpointing: bool,
+    pub checkpointing_steps: u64,
+    pub checkpoints_total_limit: Option<usize>,
+    pub resume_from_checkpoint: Option<String>,
+    pub validation_prompts: Vec<String>,
+    pub num_validation_images: usize,
+    /// Validate every this many global steps (and at the end).
+    pub validation_steps: Option<u64>,
+    pub validation_timesteps: Vec<f64>,
+    pub upcast_before_saving: bool,
+    pub allow_store_mismatch: bool,
+    pub device: Device,
+    pub prefetch: usize,
+    pub progress: bool,
+    /// The run's full configuration, written to `output_dir/train_config.json`.
+    pub config_json: serde_json::Value,
+    /// Test hook: batches (by consumption index) whose loss is replaced by NaN.
+    #[doc(hidden)]
+    pub inject_nan_batches: Vec<u64>,
+    /// Test hook: stop right after this global step (and its checkpoint), as if the process were killed.
+    #[doc(hidden)]
+    pub kill_after_step: Option<u64>,
+}
+
+impl TrainOptions {
+    /// Defaults of the reference script for everything but the paths.
+    pub fn new(teacher: PathBuf, latents: PathBuf, output_dir: PathBuf) -> Self {
+        Self {
+            pretrained_model_name_or_path: teacher,
+            latents,
+            output_dir,
+            train_batch_size: 4,
+            num_train_epochs: 1,
+            max_train_steps: None,
+            gradient_accumulation_steps: 1,
+            learning_rate: 1e-4,
+            scale_lr: false,
+            lr_scheduler: LrScheduleKind::Constant,
+            lr_warmup_steps: 500,
+            lr_num_cycles: 1,
+            lr_power: 1.0,
+            adam: AdamWConfig::default(),
+            gradient_clip: 0.1,
+            mixed_precision: MixedPrecision::No,
+            seed: 0,
+            step: StepSettings::default(),
+            head_block_ids: crate::models::discriminator::DEFAULT_HEAD_BLOCK_IDS.to_vec(),
+            guidance_init: GuidanceInit::Learnable,
+            self_attention: SelfAttention::Linear,
+            gradient_checkpointing: false,
+            checkpointing_steps: 500,
+            checkpoints_total_limit: None,
+            resume_from_checkpoint: None,
+            validation_prompts: Vec::new(),
+            num_validation_images: 4,
+            validation_steps: None,
+            validation_timesteps: vec![step::LARGEST_TIMESTEP, 1.3],
+            upcast_before_saving: false,
+            allow_store_mismatch: false,
+            device: Device::Cpu,
+            prefetch: 4,
+            progress: false,
+            config_json: serde_json::Value::Null,
+            inject_nan_batches: Vec::new(),
+            kill_after_step: None,
+        }
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.mixed_precision.dtype()
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let positive = [
+            ("--train_batch_size", self.train_batch_size as u64),
+            (
+                "--gradient_accumulation_steps",
+                self.gradient_accumulation_steps as u64,
+            ),
+            ("--checkpointing_steps", self.checkpointing_steps),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return Err(Error::Arg(format!("{flag} must be at least 1")));
+            }
+        }
+        if self.checkpoints_total_limit == Some(0) {
+            return Err(Error::Arg(
+                "--checkpoints_total_limit must be at least 1 (leave it out to keep every checkpoint)"
+                    .into(),
+            ));
+        }
+        if self.gradient_clip.is_nan() || self.gradient_clip <= 0.0 {
+            return Err(Error::Arg("--gradient_clip must be positive".into()));
+        }
+        if self.head_block_ids.is_empty() {
+            return Err(Error::Arg(
+                "--head_block_ids needs at least one block".into(),
+            ));
+        }
+        Ok(())
+    }
+}

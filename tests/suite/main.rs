@@ -1,0 +1,19 @@
+//! All integration tests in one binary: lance, datafusion and candle are linked once instead of once per file.
+//! Run one group with `cargo test --test suite MODULE::` (e.g. `cargo test --test suite train_loop::`).
+
+mod common;
+mod golden_dcae;
+mod golden_disc_loss;
+mod golden_gemma2;
+mod golden_grads;
+mod golden_image;
+mod golden_optim;
+mod golden_prompt;
+mod golden_sampler;
+mod golden_sana;
+mod grad_checkpoint;
+mod loader;
+mod prep_e2e;
+mod student_init;
+mod train_loop;
+mod train_step;
