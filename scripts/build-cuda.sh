@@ -37,7 +37,7 @@ done
 cargo fetch -q
 # cudarc's sources, where cargo keeps its registry: $CARGO_HOME (default ~/.cargo).
 registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
-sys=$(find "$registry" -maxdepth 4 -type d -path '*/cudarc-0.19.*/src/driver/sys' 2>/dev/null | sort -V | tail -n 1 || true)
+sys=$(find "$registry" -maxdepth 5 -type d -path '*/cudarc-0.19.*/src/driver/sys' 2>/dev/null | sort -V | tail -n 1 || true)
 [ -n "$sys" ] || { echo "build-cuda.sh: cudarc 0.19 sources not found under $registry (is CARGO_HOME right? did cargo fetch fail?)" >&2; exit 1; }
 if [ ! -f "$links/libcuda.so.1" ] || [ "$sys" -nt "$links/libcuda.so.1" ]; then
   grep -rhoE '\bfn cu[A-Za-z0-9_]+\s*\(' "$sys" | sed -E 's/fn (cu[A-Za-z0-9_]+).*/\1/' | sort -u \
