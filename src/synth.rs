@@ -976,6 +976,27 @@ mod tests {
     }
 
     #[test]
+    fn a_name_requested_twice_is_refused() {
+        let once = record_keys(|vb| {
+            vb.get((2, 3), "a.weight")?;
+            vb.get(4, "a.bias")?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            once,
+            vec![("a.bias".into(), vec![4]), ("a.weight".into(), vec![2, 3])]
+        );
+        let err = record_keys(|vb| {
+            vb.get((2, 3), "a.weight")?;
+            vb.get((2, 3), "a.weight")?;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("a.weight"), "{err}");
+    }
+
+    #[test]
     fn random_values_follow_the_rule_and_are_reproducible() {
         let keys = vec![
             ("a.weight".to_string(), vec![64, 16]),
