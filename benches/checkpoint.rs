@@ -3,7 +3,7 @@
 //!
 //! Model: the 0.6B config (28 blocks, D 1152 = 36 heads × 32, cross attention 16 × 72 over the caption,
 //! caption 2304, mlp_ratio 2.5 → FFN 2880, guidance embedder, logvar head), checked name by name and shape by
-//! shape against the real checkpoint's key list (tests/fixtures/keys/sana_sprint_0.6B_student_transformer.txt).
+//! shape against the real checkpoint's key list (data/keys/sana_sprint_0.6B_student_transformer.txt).
 //! Inputs: 256 px (latent 8 × 8 = 64 tokens), batch 1, a 300-token prompt with 120 valid tokens, guidance.
 //! Loss sum(F ⊙ c) for a random cotangent c; "plain" backpropagates through the whole graph of `forward`,
 //! "checkpointed" runs `forward_checkpointed`, backpropagates the loss to a leaf copy of F and hands dF to the
@@ -32,10 +32,10 @@ use candle_nn::{VarBuilder, VarMap};
 use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel};
 use sana_sprint::models::trigflow::SanaTrigFlow;
 use sana_sprint::nn::dual::Dual;
+use sana_sprint::synth;
 
 const CAPTION_TOKENS: usize = 300;
 const VALID_CAPTION_TOKENS: usize = 120;
-const KEY_LIST: &str = "tests/fixtures/keys/sana_sprint_0.6B_student_transformer.txt";
 /// Set in the child processes that measure the peak memory of one pass.
 const MEMORY_PASS_ENV: &str = "CHECKPOINT_BENCH_MEMORY_PASS";
 
@@ -125,8 +125,6 @@ fn config(layers: usize) -> SanaConfig {
 
 /// Checks every variable's name and shape against the real checkpoint's key list (blocks below `layers`).
 fn check_against_key_list(varmap: &VarMap, layers: usize) -> anyhow::Result<()> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(KEY_LIST);
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
     let in_model = |key: &str| match key.strip_prefix("transformer_blocks.") {
         Some(rest) => rest
             .split('.')
@@ -135,34 +133,21 @@ fn check_against_key_list(varmap: &VarMap, layers: usize) -> anyhow::Result<()> 
             .is_some_and(|i| i < layers),
         None => true,
     };
-    let want: BTreeMap<String, Vec<usize>> = text
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .filter(|(key, _)| in_model(key))
-        .map(|(key, shape)| {
-            let dims = shape
-                .trim()
-                .trim_matches(|c| c == '[' || c == ']')
-                .split(',')
-                .filter_map(|d| d.trim().parse().ok())
-                .collect();
-            (key.to_string(), dims)
-        })
-        .collect();
-    let got: BTreeMap<String, Vec<usize>> = varmap
+    let got: Vec<synth::Key> = varmap
         .data()
         .lock()
         .unwrap()
         .iter()
         .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect::<BTreeMap<_, _>>()
+        .into_iter()
         .collect();
-    anyhow::ensure!(
-        got == want,
-        "the bench model does not match {KEY_LIST}: {} keys built, {} expected",
-        got.len(),
-        want.len()
-    );
-    Ok(())
+    synth::check_against_key_list(
+        "the bench model (data/keys/sana_sprint_0.6B_student_transformer.txt)",
+        &got,
+        synth::KEYS_STUDENT_0_6B,
+        in_model,
+    )
 }
 
 struct Bench {

@@ -6,55 +6,10 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sana_sprint::models::dcae::{DcaeConfig, DcaeEncoder};
-
-/// The SANA 1.0 / 1.1 DC-AE `vae/config.json` (SPEC §1.2).
-const SANA_VAE_CONFIG: &str = include_str!("../tests/fixtures/configs/dcae_f32c32_sana_vae.json");
-
-/// PyTorch-like init scale: weights and biases spread over ±1/√fan_in (pseudo-random, from a sine of the
-/// element index, because candle's per-element RNG is slow in a dev build), norm weights 1 and biases 0.
-struct RandomInit;
-
-impl SimpleBackend for RandomInit {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        if name.contains("norm") {
-            let value = if name.ends_with("weight") { 1.0 } else { 0.0 };
-            return Tensor::full(value, s, dev)?.to_dtype(dtype);
-        }
-        let fan_in: usize = if s.rank() > 1 {
-            s.dims()[1..].iter().product()
-        } else {
-            s.elem_count()
-        };
-        let bound = 1.0 / (fan_in as f64).sqrt();
-        let phase = name.bytes().map(f64::from).sum::<f64>();
-        Tensor::arange(0u32, s.elem_count() as u32, dev)?
-            .to_dtype(DType::F32)?
-            .affine(12.9898, phase)?
-            .sin()?
-            .affine(bound, 0.)?
-            .reshape(s)?
-            .to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random init: unchecked get of {name}")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
+use sana_sprint::synth::{DeviceRandom, NormWeights, SANA_VAE_CONFIG};
 
 /// CPU seconds used by this process so far (all threads), from /proc/self/stat; `None` off Linux.
 fn cpu_seconds() -> Option<f64> {
@@ -88,7 +43,14 @@ fn main() -> anyhow::Result<()> {
     );
     let device = Device::Cpu;
     let cfg: DcaeConfig = serde_json::from_str(SANA_VAE_CONFIG)?;
-    let vb = VarBuilder::from_backend(Box::new(RandomInit), DType::F32, device.clone());
+    // init-like random weights (U(±1/√fan_in), norm weights 1, biases 0), as sprint-bench uses
+    let vb = VarBuilder::from_backend(
+        Box::new(DeviceRandom {
+            norm: NormWeights::One,
+        }),
+        DType::F32,
+        device.clone(),
+    );
     let encoder = DcaeEncoder::new(&cfg, vb.pp("encoder"))?;
     let image = Tensor::rand(-1f32, 1., (batch, 3, size, size), &device)?;
 

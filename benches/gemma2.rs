@@ -4,12 +4,12 @@
 //!
 //!     cargo bench --profile dev --bench gemma2
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sana_sprint::models::gemma2::{Gemma2Config, Gemma2Encoder};
+use sana_sprint::synth::{self, NormWeights};
 
 const TOKENS: usize = 512;
 const VOCAB: usize = 256;
@@ -23,25 +23,9 @@ fn main() -> anyhow::Result<()> {
     }))?;
     let (d, hd, i) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let (h, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let shapes: Vec<(String, Vec<usize>)> = vec![
-        ("embed_tokens.weight".into(), vec![VOCAB, d]),
-        ("layers.0.self_attn.q_proj.weight".into(), vec![h * hd, d]),
-        ("layers.0.self_attn.k_proj.weight".into(), vec![kv * hd, d]),
-        ("layers.0.self_attn.v_proj.weight".into(), vec![kv * hd, d]),
-        ("layers.0.self_attn.o_proj.weight".into(), vec![d, h * hd]),
-        ("layers.0.mlp.gate_proj.weight".into(), vec![i, d]),
-        ("layers.0.mlp.up_proj.weight".into(), vec![i, d]),
-        ("layers.0.mlp.down_proj.weight".into(), vec![d, i]),
-        ("layers.0.input_layernorm.weight".into(), vec![d]),
-        ("layers.0.post_attention_layernorm.weight".into(), vec![d]),
-        ("layers.0.pre_feedforward_layernorm.weight".into(), vec![d]),
-        ("layers.0.post_feedforward_layernorm.weight".into(), vec![d]),
-        ("norm.weight".into(), vec![d]),
-    ];
-    let mut weights = HashMap::new();
-    for (name, shape) in shapes {
-        weights.insert(name, Tensor::randn(0f32, 0.02, shape, &dev)?);
-    }
+    // init-like random weights under the names the encoder asks for (norm weights stored as offsets from 1)
+    let weights =
+        synth::random_tensors(&synth::gemma_keys(&cfg)?, DType::F32, NormWeights::Zero, 1)?;
     let encoder = Gemma2Encoder::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &dev))?;
     let ids: Vec<u32> = (0..TOKENS as u32)
         .map(|t| (t * 37 + 11) % VOCAB as u32)

@@ -13,6 +13,7 @@
 
 use std::time::Instant;
 
+use sana_sprint::rng::SeededRng;
 use sana_sprint::train::loader::{
     assemble_stored, epoch_permutation, LoaderOptions, LoaderPosition, StoreLoader,
 };
@@ -21,21 +22,6 @@ use sana_sprint::store::{
     FloatEncoding, LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo,
     StoreConfig, StoreDType, StoreWriter, StoredRow,
 };
-
-struct Lcg(u64);
-impl Lcg {
-    fn uniform(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32) / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let (a, b) = (self.uniform().max(1e-7), self.uniform());
-        (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
-    }
-}
 
 fn config(latent: StoreDType, embed: StoreDType) -> StoreConfig {
     let m = ModelInfo {
@@ -70,27 +56,30 @@ fn config(latent: StoreDType, embed: StoreDType) -> StoreConfig {
 }
 
 fn rows(n: usize) -> Vec<LatentRow> {
-    let mut rng = Lcg(7);
+    let mut rng = SeededRng::new(7);
     (0..n)
         .map(|i| {
             let mut latent = Vec::with_capacity(32 * 32 * 32);
+            let noise = rng.normal(32 * 32 * 32);
             for c in 0..32 {
                 let (fx, fy, ph) = (
-                    rng.uniform() * 0.3,
-                    rng.uniform() * 0.3,
-                    rng.uniform() * 6.0,
+                    rng.unit() as f32 * 0.3,
+                    rng.unit() as f32 * 0.3,
+                    rng.unit() as f32 * 6.0,
                 );
                 for y in 0..32 {
                     for x in 0..32 {
                         let smooth =
                             (fx * x as f32 + fy * y as f32 + ph).sin() * (1.0 + c as f32 * 0.02);
-                        latent.push(smooth + 0.3 * rng.normal());
+                        latent.push(smooth + 0.3 * noise[latent.len()]);
                     }
                 }
             }
             let len = 120 + (i * 37) % 180;
-            let prompt_embeds = (0..len * 2304)
-                .map(|_| half::bf16::from_f32(rng.normal() * 2.0).to_f32())
+            let prompt_embeds = rng
+                .normal(len * 2304)
+                .into_iter()
+                .map(|v| half::bf16::from_f32(v * 2.0).to_f32())
                 .collect();
             LatentRow {
                 id: format!("bench.parquet#{i}"),

@@ -10,6 +10,7 @@ pub mod nn; // ops candle lacks
 pub mod prep; // parquet shards -> decode -> encode -> latent store
 pub mod rng; // the one seedable generator (init, per-step draws, shuffles)
 pub mod store; // the Lance latent store (docs/STORE.md)
+pub mod synth; // random models and data of real shapes for benches, tests and the GPU check
 pub mod system; // process facts: memory high-water marks
 pub mod text; // prompt encoding as SanaPipeline.encode_prompt
 pub mod train; // SANA-Sprint distillation: loader, step maths, loop, checkpoints, validation

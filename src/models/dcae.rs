@@ -11,9 +11,11 @@ use serde::{Deserialize, Deserializer};
 
 use crate::models::weights::Weights;
 use crate::nn::conv::{
-    channel_group_mean, conv2d, depthwise_conv2d, grouped_conv1x1, pixel_shuffle, pixel_unshuffle,
-    pixel_unshuffle_group_mean, pointwise_conv, repeat_interleave_channels, rms_norm_channels,
+    channel_group_mean, conv2d, grouped_conv1x1, pixel_shuffle, pixel_unshuffle,
+    pixel_unshuffle_group_mean, pointwise_conv, repeat_interleave_channels,
 };
+use crate::nn::depthwise::depthwise_conv2d;
+use crate::nn::norm::rms_norm_channels;
 
 /// Every DC-AE norm (RMSNorm and BatchNorm2d) uses this epsilon.
 const NORM_EPS: f64 = 1e-5;

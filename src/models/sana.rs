@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::models::weights::Weights;
 use crate::nn::dual::{self, Dual, Linear};
+use crate::nn::{attention, depthwise, norm};
 use crate::{Error, Result};
 
 /// Width of the sinusoidal timestep features fed to the timestep MLPs.
@@ -308,7 +309,7 @@ impl Attention {
     fn context_kv(&self, context: &Dual) -> Result<(Dual, Dual)> {
         let mut k = self.to_k.forward(context)?;
         if let Some(w) = &self.norm_k {
-            k = dual::rms_norm(&k, w, QK_NORM_EPS)?;
+            k = norm::rms_norm(&k, w, QK_NORM_EPS)?;
         }
         let v = self.to_v.forward(context)?;
         Ok((split_heads(&k, self.heads)?, split_heads(&v, self.heads)?))
@@ -336,13 +337,13 @@ impl Attention {
     ) -> Result<Dual> {
         let mut q = self.to_q.forward(x)?;
         if let Some(w) = &self.norm_q {
-            q = dual::rms_norm(&q, w, QK_NORM_EPS)?;
+            q = norm::rms_norm(&q, w, QK_NORM_EPS)?;
         }
         let q = split_heads(&q, self.heads)?;
         let out = match kind {
-            SelfAttention::Linear => dual::relu_linear_attention(&q, k, v)?,
+            SelfAttention::Linear => attention::relu_linear_attention(&q, k, v)?,
             SelfAttention::Softmax => {
-                dual::softmax_attention(&q, k, v, 1.0 / (self.head_dim as f64).sqrt(), bias)?
+                attention::softmax_attention(&q, k, v, 1.0 / (self.head_dim as f64).sqrt(), bias)?
             }
         };
         self.to_out.forward(&merge_heads(&out)?).map_err(Into::into)
@@ -381,7 +382,7 @@ impl GluMbConv {
                 .forward(x)?
                 .silu()?
                 .reshape((b, height, width, 2 * self.hidden))?;
-        let d = dual::depthwise_conv2d_channels_last(
+        let d = depthwise::depthwise_conv2d_channels_last(
             &a,
             &self.conv_depth_weight,
             Some(&self.conv_depth_bias),
@@ -483,7 +484,7 @@ impl SanaTransformerBlock {
             unreachable!("chunk(6) yields six parts")
         };
 
-        let h = modulate(&dual::layer_norm(x, self.norm_eps)?, shift_msa, scale_msa)?;
+        let h = modulate(&norm::layer_norm(x, self.norm_eps)?, shift_msa, scale_msa)?;
         let attn = self.attn1.forward(&h, &h, self_attention, None)?;
         let x = x.add(&gate_msa.mul(&attn)?)?;
 
@@ -494,7 +495,7 @@ impl SanaTransformerBlock {
                     .forward_kv(&x, &kv.0, &kv.1, SelfAttention::Softmax, mask_bias)?,
             )?;
 
-        let h = modulate(&dual::layer_norm(&x, self.norm_eps)?, shift_mlp, scale_mlp)?;
+        let h = modulate(&norm::layer_norm(&x, self.norm_eps)?, shift_mlp, scale_mlp)?;
         let ff = self.ff.forward(&h, height, width)?;
         Ok(x.add(&gate_mlp.mul(&ff)?)?)
     }
@@ -810,7 +811,7 @@ impl SanaTransformer2DModel {
         let y = self
             .caption_linear_2
             .forward_t(&self.caption_linear_1.forward_t(&y)?.gelu()?)?;
-        Ok(dual::rms_norm(&Dual::constant(y), &self.caption_norm, QK_NORM_EPS)?.primal)
+        Ok(norm::rms_norm(&Dual::constant(y), &self.caption_norm, QK_NORM_EPS)?.primal)
     }
 
     /// The additive cross-attention bias (B, 1, 1, L), in the working dtype, of `encoder_attention_mask` (B, L)
@@ -932,7 +933,7 @@ impl SanaTransformer2DModel {
         let table = Dual::constant(self.scale_shift_table.unsqueeze(0)?);
         let shift_scale = temb.reshape((b, 1, dim))?.add(&table)?;
         let (shift, scale) = (shift_scale.narrow(1, 0, 1)?, shift_scale.narrow(1, 1, 1)?);
-        let hidden = modulate(&dual::layer_norm(hidden, NORM_OUT_EPS)?, &shift, &scale)?;
+        let hidden = modulate(&norm::layer_norm(hidden, NORM_OUT_EPS)?, &shift, &scale)?;
         let out = self.proj_out.forward(&hidden)?;
 
         // unpatchify: (B, N, p·p·C) → (B, H', W', p, p, C) → (B, C, H'·p, W'·p)

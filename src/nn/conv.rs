@@ -1,11 +1,13 @@
-//! Convolution-like ops that candle lacks or runs slowly (SPEC §10). They are composed from tensor ops
-//! (pads, views, matmuls, element-wise maths), so they have a backward pass and run on every device; the
-//! one exception, the CPU gather behind [`conv2d`], only serves inputs that need no gradient.
+//! Convolution-like ops on NCHW tensors that candle lacks or runs slowly (SPEC §10): dense conv2d, 1x1 and
+//! grouped 1x1 convs, pixel (un)shuffle, channel-group means. They are composed from tensor ops (pads, views,
+//! matmuls, element-wise maths), so they have a backward pass and run on every device; the one exception, the
+//! CPU gather behind [`conv2d`], only serves inputs that need no gradient. The depthwise convolutions live in
+//! `nn::depthwise`, the channel RMSNorm in `nn::norm`.
 //!
 //! All tensors are NCHW. Channel-mixing 1x1 convolutions are plain matmuls over the `(C, H·W)` view, so no
 //! layout permutes are needed anywhere.
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Zero-pads the two spatial axes of a `(B, C, H, W)` tensor.
@@ -19,94 +21,6 @@ pub fn pad2d(x: &Tensor, top: usize, bottom: usize, left: usize, right: usize) -
         x.pad_with_zeros(2, top, bottom)
     } else {
         Ok(x)
-    }
-}
-
-/// Elements per channel chunk of [`depthwise_conv2d`] on the CPU: small enough for its k² passes to stay in
-/// the L2 cache (6-8x faster than whole-tensor passes at the DC-AE's 4096-8192 channels).
-const DEPTHWISE_CHUNK_ELEMS: usize = 32 * 1024;
-
-/// Depthwise 2-D convolution (groups == channels, stride 1, zero padding `padding` on every side).
-///
-/// Computed as the sum over the `kh·kw` taps of a shifted slice of the padded input times the per-channel
-/// tap weight; candle's grouped `conv2d` would run one convolution per channel instead. On the CPU the
-/// channels are processed in cache-sized chunks in parallel.
-/// `x`: (B, C, H, W); `weight`: (C, 1, kh, kw) as stored by PyTorch; `bias`: (C,).
-pub fn depthwise_conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    padding: usize,
-) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (wc, per_group, kh, kw) = weight.dims4()?;
-    if wc != c || per_group != 1 {
-        bail!(
-            "depthwise_conv2d: weight {:?} does not fit {c} input channels (expected ({c}, 1, kh, kw))",
-            weight.dims()
-        )
-    }
-    if h + 2 * padding < kh || w + 2 * padding < kw {
-        bail!("depthwise_conv2d: kernel {kh}x{kw} larger than the padded {h}x{w} input")
-    }
-    let plane = b * (h + 2 * padding + 1) * (w + 2 * padding);
-    let chunk = (DEPTHWISE_CHUNK_ELEMS / plane).max(1);
-    if !x.device().is_cpu() || chunk >= c {
-        return depthwise_shifted_sum(x, weight, bias, padding);
-    }
-    let starts: Vec<usize> = (0..c).step_by(chunk).collect();
-    let parts = starts
-        .into_par_iter()
-        .map(|start| {
-            let n = chunk.min(c - start);
-            let bias = bias.map(|b| b.narrow(0, start, n)).transpose()?;
-            depthwise_shifted_sum(
-                &x.narrow(1, start, n)?,
-                &weight.narrow(0, start, n)?,
-                bias.as_ref(),
-                padding,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 1)
-}
-
-/// [`depthwise_conv2d`] on all channels at once. On the padded input flattened to (C, rows·cols), tap
-/// (ky, kx) of every output pixel is one contiguous window starting at ky·cols + kx, so each tap is a single
-/// long strided pass; the output is computed on full padded rows and cropped.
-fn depthwise_shifted_sum(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    padding: usize,
-) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (_, _, kh, kw) = weight.dims4()?;
-    let (rows, cols) = (h + 2 * padding, w + 2 * padding);
-    let (out_h, out_w) = (rows + 1 - kh, cols + 1 - kw);
-    // One extra zero row at the bottom keeps the last tap's window inside the buffer.
-    let flat =
-        pad2d(x, padding, padding + 1, padding, padding)?.reshape((b, c, (rows + 1) * cols))?;
-    let taps = weight.reshape((1, c, kh * kw))?;
-    let mut acc: Option<Tensor> = None;
-    for ky in 0..kh {
-        for kx in 0..kw {
-            let term = flat
-                .narrow(2, ky * cols + kx, out_h * cols)?
-                .broadcast_mul(&taps.narrow(2, ky * kw + kx, 1)?)?;
-            acc = Some(match acc {
-                None => term,
-                Some(acc) => (acc + term)?,
-            });
-        }
-    }
-    let out = acc
-        .expect("a kernel has at least one tap")
-        .reshape((b, c, out_h, cols))?
-        .narrow(3, 0, out_w)?;
-    match bias {
-        Some(bias) => out.broadcast_add(&bias.reshape((1, c, 1, 1))?),
-        None => out.contiguous(),
     }
 }
 
@@ -477,28 +391,6 @@ pub fn repeat_interleave_channels(x: &Tensor, repeats: usize) -> Result<Tensor> 
         .reshape((b, c * repeats, h, w))
 }
 
-/// diffusers `RMSNorm` applied over the channel axis of a (B, C, H, W) tensor: computed in f32,
-/// `x · rsqrt(mean_c(x²) + eps) · weight + bias`, returned in the weight's dtype.
-pub fn rms_norm_channels(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    eps: f64,
-) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let x32 = x.to_dtype(DType::F32)?;
-    // Mean over channels as a (1, C) x (C, H·W) matmul: contiguous and multi-threaded.
-    let ones = Tensor::full(1f32 / c as f32, (1, c), x.device())?.broadcast_left(b)?;
-    let mean_sq = ones.matmul(&x32.sqr()?.reshape((b, c, h * w))?)?;
-    let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?.reshape((b, 1, h, w))?;
-    let y = x32.broadcast_mul(&inv_rms)?.to_dtype(weight.dtype())?;
-    let y = y.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?;
-    match bias {
-        Some(bias) => y.broadcast_add(&bias.reshape((1, c, 1, 1))?),
-        None => Ok(y),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,23 +407,6 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
-    }
-
-    #[test]
-    fn depthwise_matches_grouped_conv2d() -> Result<()> {
-        let dev = Device::Cpu;
-        for (b, c, h, w, k, pad) in [(1, 6, 7, 5, 3, 1), (2, 4, 6, 6, 5, 2), (1, 3, 4, 9, 3, 0)] {
-            let x = Tensor::randn(0f32, 1., (b, c, h, w), &dev)?;
-            let weight = Tensor::randn(0f32, 1., (c, 1, k, k), &dev)?;
-            let bias = Tensor::randn(0f32, 1., c, &dev)?;
-            let ours = depthwise_conv2d(&x, &weight, Some(&bias), pad)?;
-            let reference = x
-                .conv2d(&weight, pad, 1, 1, c)?
-                .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
-            assert_eq!(ours.dims(), reference.dims());
-            assert!(max_abs_diff(&ours, &reference) < 1e-5);
-        }
-        Ok(())
     }
 
     #[test]
@@ -643,7 +518,7 @@ mod tests {
     }
 
     #[test]
-    fn channel_mean_repeat_and_rms_norm() -> Result<()> {
+    fn channel_mean_and_repeat() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1., (2, 6, 3, 2), &dev)?;
         let mean = channel_group_mean(&x, 3)?;
@@ -659,16 +534,6 @@ mod tests {
         let rep = repeat_interleave_channels(&x, 2)?;
         assert_eq!(rep.dims(), &[2, 12, 3, 2]);
         assert_eq!(max_abs_diff(&rep.i((.., 5))?, &x.i((.., 2))?), 0.0);
-        let weight = Tensor::randn(0f32, 1., 6, &dev)?;
-        let bias = Tensor::randn(0f32, 1., 6, &dev)?;
-        let ours = rms_norm_channels(&x, &weight, Some(&bias), 1e-5)?;
-        let last = x.permute((0, 2, 3, 1))?;
-        let reference = last
-            .broadcast_div(&(last.sqr()?.mean_keepdim(3)? + 1e-5)?.sqrt()?)?
-            .broadcast_mul(&weight)?
-            .broadcast_add(&bias)?
-            .permute((0, 3, 1, 2))?;
-        assert!(max_abs_diff(&ours, &reference) < 1e-5);
         Ok(())
     }
 }

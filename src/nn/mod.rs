@@ -1,6 +1,9 @@
 //! Building blocks candle lacks (see docs/ALGORITHM.md, "Building blocks").
 
+pub mod attention; // softmax, softmax attention, ReLU linear attention (Dual ops)
 pub mod checkpoint; // gradient checkpointing: recompute blocks in backward
-pub mod conv; // depthwise conv as shifted sums, grouped 1x1 conv, pixel (un)shuffle
-pub mod dual; // Dual (primal + tangent) tensors: one forward path for plain and JVP passes
+pub mod conv; // NCHW conv2d, 1x1 and grouped 1x1 convs, pixel (un)shuffle, channel-group means
+pub mod depthwise; // the two depthwise convs: channels-last (Dual, custom backward) and NCHW
+pub mod dual; // Dual (primal + tangent) tensors, their elementwise rules, Linear, timestep features
 pub mod frozen; // matmul with a frozen weight: backward skips the weight gradient
+pub mod norm; // LayerNorm, RMSNorm (Dual, last dim) and channel RMSNorm (NCHW)

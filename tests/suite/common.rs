@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: where fixtures live and how to load them.
+//! Helpers shared by the integration tests: where fixtures live and how to load them, and the one set of
+//! tensor comparisons (max abs, L2, relative L2) every test uses.
 #![allow(dead_code)] // each test module uses its own subset
 
 use std::collections::HashMap;
@@ -28,23 +29,17 @@ pub fn fixture_config<T: serde::de::DeserializeOwned>(name: &str) -> T {
     serde_json::from_value(json["config"].clone()).unwrap()
 }
 
-/// A real checkpoint key list `tests/fixtures/keys/FILE` (`key<TAB>[d0, d1, …]` per line) as name → shape.
+/// A real checkpoint key list `data/keys/FILE` (`key<TAB>[d0, d1, …]` per line) as name → shape. The key lists
+/// are data the crate owns (`sprint-bench` builds them in), not fixtures.
 pub fn reference_keys(file: &str) -> std::collections::BTreeMap<String, Vec<usize>> {
-    let text = std::fs::read_to_string(fixture_path("keys").join(file)).unwrap();
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let (key, shape) = l.split_once('\t').expect("key<TAB>shape");
-            let dims = shape
-                .trim()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .split(',')
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| s.trim().parse().unwrap())
-                .collect();
-            (key.to_string(), dims)
-        })
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("data/keys")
+        .join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    sana_sprint::synth::parse_key_list(&text)
+        .unwrap()
+        .into_iter()
         .collect()
 }
 

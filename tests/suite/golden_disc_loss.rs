@@ -3,8 +3,7 @@
 //! (tools/golden/make_golden.py), disc_logits_tiny.* (tools/golden/make_golden_disc_logits.py: heads on the
 //! tapped tiny teacher, with autograd gradients). All Rust computations here are f32 unless stated.
 
-use crate::common;
-use crate::common::{fixture_path, load_fixture};
+use crate::common::{assert_max_abs, fixture_path, load_fixture, max_abs, max_abs_diff};
 
 use std::collections::HashMap;
 
@@ -19,13 +18,13 @@ use sana_sprint::train::loss::{
 };
 
 /// Max abs error allowed for the heads' outputs and buffers (values of order 1).
-const HEAD_ABS_TOL: f32 = 1e-5;
+const HEAD_ABS_TOL: f64 = 1e-5;
 /// Relative error allowed for the loss arithmetic.
 const LOSS_REL_TOL: f64 = 1e-5;
 /// Logits and gradients through the tapped teacher: max abs error relative to the largest reference magnitude
 /// of the compared set (the teacher's f32 maths adds its own rounding; the eval-mode logits reach ~47 because
 /// the fixture's random u, v give a small σ, SPEC §8.14 #14).
-const TAPPED_REL_TOL: f32 = 1e-5;
+const TAPPED_REL_TOL: f64 = 1e-5;
 
 fn scalar(t: &Tensor) -> f32 {
     t.flatten_all()
@@ -34,25 +33,6 @@ fn scalar(t: &Tensor) -> f32 {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap()[0]
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    common::max_abs(t) as f32
-}
-
-/// Max abs difference (shapes must agree).
-fn max_abs_err(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "shape mismatch");
-    max_abs(&(got.to_dtype(DType::F32).unwrap() - want).unwrap())
-}
-
-fn check_abs(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let err = max_abs_err(got, want);
-    println!(
-        "{what}: max abs err {err:.3e} (max |ref| {:.3e})",
-        max_abs(want)
-    );
-    assert!(err <= tol, "{what}: max abs err {err:.3e} > {tol:.1e}");
 }
 
 fn check_rel(what: &str, got: f64, want: f64, tol: f64) {
@@ -90,7 +70,7 @@ fn head_matches_torch_in_eval_and_train_mode() {
 
     let out_eval = head.forward(&x, Mode::Eval).unwrap();
     let want_eval = io["io.out_eval"].reshape((b, n)).unwrap();
-    check_abs(
+    assert_max_abs(
         "head 0 eval (stored u, v)",
         &out_eval,
         &want_eval,
@@ -100,7 +80,7 @@ fn head_matches_torch_in_eval_and_train_mode() {
     let state = named(&heads);
     for key in ["0.main.0.0.weight_u", "0.main.1.fn.0.weight_v"] {
         assert_eq!(
-            max_abs_err(&state[key], &io[key]),
+            max_abs_diff(&state[key], &io[key]),
             0.0,
             "{key} changed in eval"
         );
@@ -108,7 +88,7 @@ fn head_matches_torch_in_eval_and_train_mode() {
 
     let out_train = head.forward(&x, Mode::Train).unwrap();
     let want_train = io["io.out_train"].reshape((b, n)).unwrap();
-    check_abs(
+    assert_max_abs(
         "head 0 train (one power iteration)",
         &out_train,
         &want_train,
@@ -120,7 +100,7 @@ fn head_matches_torch_in_eval_and_train_mode() {
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("io.after.").map(|k| (k, v)))
     {
-        check_abs(
+        assert_max_abs(
             &format!("updated buffer {key}"),
             &state[key],
             want,
@@ -131,7 +111,7 @@ fn head_matches_torch_in_eval_and_train_mode() {
     assert_eq!(buffers, 6, "three spectral convs, u and v each");
     // head 1 did not run: its buffers are the stored ones
     assert_eq!(
-        max_abs_err(&state["1.cls.weight_v"], &io["1.cls.weight_v"]),
+        max_abs_diff(&state["1.cls.weight_v"], &io["1.cls.weight_v"]),
         0.0
     );
 }
@@ -147,7 +127,7 @@ fn heads_forward_runs_head_k_on_feature_k() {
     assert_eq!(outs.len(), 2);
     assert_eq!(outs[1].dims(), [b, n]);
     let want = io["io.out_eval"].reshape((b, n)).unwrap();
-    check_abs(
+    assert_max_abs(
         "DiscHeads::forward_eval head 0",
         &outs[0],
         &want,
@@ -193,13 +173,13 @@ fn check_param_grads(
     let scale = named
         .iter()
         .map(|(name, _)| max_abs(&io[&format!("{prefix}{name}")]))
-        .fold(0.0f32, f32::max);
-    let mut worst = 0.0f32;
+        .fold(0.0f64, f64::max);
+    let mut worst = 0.0f64;
     for (name, var) in &named {
         let grad = grads
             .get(var)
             .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
-        worst = worst.max(max_abs_err(grad, &io[&format!("{prefix}{name}")]));
+        worst = worst.max(max_abs_diff(grad, &io[&format!("{prefix}{name}")]));
     }
     println!("{what}: max abs err {worst:.3e} over all head parameters (max |ref| {scale:.3e})");
     assert!(
@@ -220,7 +200,7 @@ fn logits_on_the_tapped_teacher_and_their_gradients_match_torch() {
     let logits = discriminator::logits(&teacher, &x, t, y, Some(mask), &heads, Mode::Eval).unwrap();
     let want = &io["io.logits_eval"];
     let scale = max_abs(want);
-    check_abs("logits eval", &logits, want, TAPPED_REL_TOL * scale);
+    assert_max_abs("logits eval", &logits, want, TAPPED_REL_TOL * scale);
     let grads = (&logits * cotangent)
         .unwrap()
         .sum_all()
@@ -231,7 +211,7 @@ fn logits_on_the_tapped_teacher_and_their_gradients_match_torch() {
         .get(&x)
         .expect("gradient reaches x through the teacher");
     let want = &io["io.grad_x"];
-    check_abs(
+    assert_max_abs(
         "d logits / d x (through the teacher)",
         grad_x,
         want,
@@ -242,7 +222,7 @@ fn logits_on_the_tapped_teacher_and_their_gradients_match_torch() {
     let logits =
         discriminator::logits(&teacher, &x, t, y, Some(mask), &heads, Mode::Train).unwrap();
     let want = &io["io.logits_train"];
-    check_abs(
+    assert_max_abs(
         "logits train",
         &logits,
         want,
@@ -266,7 +246,7 @@ fn logits_on_the_tapped_teacher_and_their_gradients_match_torch() {
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("io.after.").map(|k| (k, v)))
     {
-        let err = max_abs_err(&state[key], want);
+        let err = max_abs_diff(&state[key], want);
         assert!(
             err <= HEAD_ABS_TOL,
             "updated buffer {key}: max abs err {err:.3e}"
@@ -300,7 +280,7 @@ fn gradient_reaches_every_head_parameter_and_the_features() {
             let g = max_abs(grads.get(f).expect("feature gradient"));
             assert!(g.is_finite() && g > 0.0, "{mode:?}: feature {i} grad {g}");
         }
-        let mut largest = 0.0f32;
+        let mut largest = 0.0f64;
         let mut pre_norm_biases = Vec::new();
         for (name, var) in heads.named_vars() {
             let g = max_abs(
@@ -335,7 +315,7 @@ fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
     let state = named(&heads);
     assert_eq!(state.len(), 4 * 16);
     for (name, fan_in) in [("0.main.0.0", c), ("0.main.1.fn.0", 9 * c), ("3.cls", c)] {
-        let bound = 1.0 / (fan_in as f32).sqrt();
+        let bound = f64::from(1.0 / (fan_in as f32).sqrt());
         let w = max_abs(&state[&format!("{name}.weight_orig")]);
         assert!(
             w <= bound && w > 0.5 * bound,
@@ -405,8 +385,8 @@ fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
     let again = named(&DiscHeads::new(&[2, 8, 14, 19], c, 11, &dev).unwrap());
     let other = named(&DiscHeads::new(&[2, 8, 14, 19], c, 12, &dev).unwrap());
     let w = "1.main.1.fn.0.weight_orig";
-    assert_eq!(max_abs_err(&state[w], &again[w]), 0.0);
-    assert!(max_abs_err(&state[w], &other[w]) > 0.0);
+    assert_eq!(max_abs_diff(&state[w], &again[w]), 0.0);
+    assert!(max_abs_diff(&state[w], &other[w]) > 0.0);
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disc_heads.safetensors");
@@ -415,7 +395,7 @@ fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
     let loaded = DiscHeads::load_file(&path, &[2, 8, 14, 19], &dev).unwrap();
     let (saved, restored) = (named(&heads), named(&loaded));
     for (key, value) in &saved {
-        assert_eq!(max_abs_err(&restored[key], value), 0.0, "{key}");
+        assert_eq!(max_abs_diff(&restored[key], value), 0.0, "{key}");
     }
     assert!(
         DiscHeads::load_file(&path, &[2, 8], &dev).is_err(),
@@ -476,7 +456,7 @@ impl LossFixture {
 
 /// Max relative error of `got` against `want`, relative to max |want|.
 fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    (max_abs_err(got, want) / max_abs(want)) as f64
+    max_abs_diff(got, want) / max_abs(want)
 }
 
 #[test]

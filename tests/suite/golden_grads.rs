@@ -4,7 +4,7 @@
 //! self-attention), the teacher as plain tensors with only its input a `Var` (the adversarial term's path).
 
 use crate::common;
-use crate::common::{fixture_path, load_fixture};
+use crate::common::{assert_close, fixture_path, load_fixture, max_abs_diff, rel_l2};
 
 use std::collections::HashMap;
 
@@ -21,33 +21,6 @@ const REL_TOL: f64 = 1e-4;
 
 fn tiny_config() -> SanaConfig {
     common::fixture_config("sana_grads_tiny")
-}
-
-fn sum_sq(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-/// (relative L2 error, max abs error) of `got` against `want`.
-fn errors(got: &Tensor, want: &Tensor) -> (f64, f64) {
-    assert_eq!(got.dims(), want.dims(), "shape mismatch");
-    let diff = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap()).unwrap();
-    let max_abs = diff
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    ((sum_sq(&diff) / sum_sq(want)).sqrt(), max_abs)
 }
 
 /// `sum(a ⊙ b)` as a scalar tensor (keeps the graph).
@@ -123,7 +96,7 @@ fn student_parameter_and_input_gradients_match_torch_autograd() {
         let got = grads
             .get(tensor)
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let (rel, abs) = errors(got, want);
+        let (rel, abs) = (rel_l2(got, want), max_abs_diff(got, want));
         assert!(
             rel < REL_TOL,
             "{name}: gradient relative L2 error {rel:.3e} >= {REL_TOL:.0e} (max abs {abs:.3e})"
@@ -185,7 +158,5 @@ fn input_gradient_through_the_frozen_teacher_matches_torch_autograd() {
     assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0));
     let grads = loss.backward().unwrap();
     let grad_x = grads.get(x.as_tensor()).expect("gradient w.r.t. the input");
-    let (rel, abs) = errors(grad_x, &io["io.teacher_grad_x"]);
-    println!("teacher d/dx: relative L2 error {rel:.3e}, max abs error {abs:.3e}");
-    assert!(rel < REL_TOL, "teacher d/dx: relative L2 error {rel:.3e}");
+    assert_close("teacher d/dx", grad_x, &io["io.teacher_grad_x"], REL_TOL);
 }

@@ -5,17 +5,14 @@
 //! tensors are f32 CHW in [-1, 1]; one uint8 step is 2/255 there. Errors below are reported in uint8
 //! steps of the [0, 1] scale (|diff| * 255 / 2).
 
+use crate::common::fixture_path;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use image::RgbImage;
 use safetensors::{Dtype, SafeTensors};
 use sana_sprint::image::{decode_rgb, load_preprocessed, preprocess};
 use sana_sprint::Error;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 #[derive(serde::Deserialize)]
 struct Entry {
@@ -32,8 +29,8 @@ struct Reference {
 
 impl Reference {
     fn load() -> Self {
-        let manifest = std::fs::read_to_string(fixtures().join("images_ref.json")).unwrap();
-        let tensors = std::fs::read(fixtures().join("images_ref.safetensors")).unwrap();
+        let manifest = std::fs::read_to_string(fixture_path("images_ref.json")).unwrap();
+        let tensors = std::fs::read(fixture_path("images_ref.safetensors")).unwrap();
         Reference {
             manifest: serde_json::from_str(&manifest).unwrap(),
             tensors,
@@ -41,7 +38,7 @@ impl Reference {
     }
 
     fn bytes(&self, entry: &Entry) -> Vec<u8> {
-        std::fs::read(fixtures().join("images").join(&entry.file)).unwrap()
+        std::fs::read(fixture_path("images").join(&entry.file)).unwrap()
     }
 
     /// PIL's `convert("RGB")` pixels of a fixture.

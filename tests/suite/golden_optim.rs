@@ -2,8 +2,9 @@
 //! 0.42.1, CPU): 3 steps of torch AdamW (f32) with clip_grad_norm_ before each step, one parameter without a
 //! gradient in step 2; the diffusers lr schedules (f64) at steps 0..60; state save/load and NaN detection.
 
+use crate::common::{fixture_path, max_abs_diff, rel_l2};
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -17,12 +18,6 @@ const F32_REL_TOL: f64 = 1e-6;
 const SCHED_REL_TOL: f64 = 1e-12;
 const PARAMS: [&str; 3] = ["w", "b", "scale"];
 
-fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
 fn fixture() -> (HashMap<String, Tensor>, serde_json::Value) {
     let tensors =
         candle_core::safetensors::load(fixture_path("optim_tiny.safetensors"), &Device::Cpu)
@@ -31,33 +26,6 @@ fn fixture() -> (HashMap<String, Tensor>, serde_json::Value) {
         serde_json::from_str(&std::fs::read_to_string(fixture_path("optim_tiny.json")).unwrap())
             .unwrap();
     (tensors, json)
-}
-
-/// (relative L2 error, max abs error) of `got` against `want`.
-fn errors(got: &Tensor, want: &Tensor) -> (f64, f64) {
-    assert_eq!(got.dims(), want.dims(), "shape mismatch");
-    let got = got.to_dtype(DType::F64).unwrap();
-    let want = want.to_dtype(DType::F64).unwrap();
-    let diff = (&got - &want).unwrap();
-    let max_abs = diff
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let norm = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .sqrt()
-    };
-    (norm(&diff) / norm(&want).max(1e-30), max_abs)
 }
 
 fn adamw_from_fixture(io: &HashMap<String, Tensor>, json: &serde_json::Value) -> AdamW {
@@ -144,7 +112,7 @@ fn adamw_and_clipping_match_torch() {
                 ("exp_avg_sq", state[&format!("{name}.exp_avg_sq")].clone()),
             ] {
                 let want = &io[&format!("io.step{step}.{what}.{name}")];
-                let (rel, abs) = errors(&got, want);
+                let (rel, abs) = (rel_l2(&got, want), max_abs_diff(&got, want));
                 println!("step {step} {what}.{name}: rel {rel:.2e} max abs {abs:.2e}");
                 assert!(rel < F32_REL_TOL, "step {step} {what}.{name}: rel {rel}");
                 worst_rel = worst_rel.max(rel);
@@ -153,7 +121,7 @@ fn adamw_and_clipping_match_torch() {
         }
         // The update is far above the tolerance, so the comparison above can fail.
         for name in PARAMS {
-            let (moved, _) = errors(
+            let moved = rel_l2(
                 &io[&format!("io.step{step}.param.{name}")],
                 &io[&format!("io.init.{name}")],
             );

@@ -6,6 +6,8 @@
 //! prompt, and one long enough to be truncated; with the default complex human instruction ("chi"), without it
 //! ("plain"), and the empty negative prompt ("negative").
 
+use crate::common::{fixture_path, max_abs_diff};
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -13,7 +15,7 @@ use sana_sprint::models::weights::Weights;
 use sana_sprint::text::{prompt_lens, PromptEncoder, COMPLEX_HUMAN_INSTRUCTION};
 
 /// Max abs error allowed on the embeddings (f32; observed ≈ 1e-6 on values of magnitude ≈ 1–5).
-const EMBED_TOLERANCE: f32 = 1e-4;
+const EMBED_TOLERANCE: f64 = 1e-4;
 
 struct Fixture {
     prompts: Vec<String>,
@@ -24,10 +26,10 @@ struct Fixture {
 
 impl Fixture {
     fn load() -> Self {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        let meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("prompt_tiny.json")).unwrap())
-                .unwrap();
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_path("prompt_tiny.json")).unwrap(),
+        )
+        .unwrap();
         let prompts = meta["prompts"]
             .as_array()
             .unwrap()
@@ -35,7 +37,7 @@ impl Fixture {
             .map(|p| p.as_str().unwrap().to_string())
             .collect();
         let max_sequence_length = meta["max_sequence_length"].as_u64().unwrap() as usize;
-        let tensors = Weights::from_files(&[dir.join("prompt_tiny.safetensors")]).unwrap();
+        let tensors = Weights::from_files(&[fixture_path("prompt_tiny.safetensors")]).unwrap();
         Self {
             prompts,
             max_sequence_length,
@@ -62,7 +64,7 @@ impl Fixture {
     }
 
     /// Compares the returned embeddings and mask of one case with the fixture; returns the max abs error.
-    fn check_embeddings(&self, case: &str, embeds: &Tensor, mask: &Tensor) -> f32 {
+    fn check_embeddings(&self, case: &str, embeds: &Tensor, mask: &Tensor) -> f64 {
         let b = self.prompts.len();
         assert_eq!(embeds.dims(), &[b, self.max_sequence_length, 64]);
         assert_eq!(embeds.dtype(), DType::F32);
@@ -86,22 +88,12 @@ impl Fixture {
             .load(&format!("{case}.embeds_rows"), DType::F32, &Device::Cpu)
             .unwrap();
         let mut start = 0;
-        let mut max_err = 0f32;
+        let mut max_err = 0f64;
         for (i, &n) in rows.iter().enumerate() {
             let n = n as usize;
             let ours = embeds.get(i).unwrap().narrow(0, 0, n).unwrap();
             let reference = expected.narrow(0, start, n).unwrap();
-            let err: f32 = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            max_err = max_err.max(err);
+            max_err = max_err.max(max_abs_diff(&ours, &reference));
             start += n;
         }
         assert_eq!(start, expected.dim(0).unwrap());

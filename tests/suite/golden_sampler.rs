@@ -5,11 +5,10 @@
 //! Tolerances (f32 everywhere): final latent rel ≤ 1e-4 (max |Δ| / max |ref|); uint8 images within 1 level
 //! (a value a rounding boundary apart), with at most 1% of the pixels off by one.
 
-use crate::common;
+use crate::common::{fixture_config, fixture_path, load_fixture, max_abs, max_abs_diff};
 
 use std::path::PathBuf;
 
-use crate::common::{fixture_config, fixture_path, load_fixture};
 use candle_core::{DType, Device, Tensor};
 use sana_sprint::models::sana::SanaConfig;
 use sana_sprint::models::student::Student;
@@ -53,10 +52,6 @@ fn student() -> Student {
         .unwrap()
         .strip_prefix("student.");
     Student::from_weights(&config, weights, &Device::Cpu).unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    common::max_abs(t) as f32
 }
 
 #[test]
@@ -105,8 +100,7 @@ fn sampling_and_decoding_match_the_diffusers_sprint_pipeline() {
         )
         .unwrap();
         let want = &io[&format!("io.{}.latent", case.name)];
-        assert_eq!(z.dims(), want.dims());
-        let err = max_abs(&(&z - want).unwrap());
+        let err = max_abs_diff(&z, want);
         let rel = err / max_abs(want);
         println!("{}: latent max |Δ| {err:.3e}, rel {rel:.3e}", case.name);
         assert!(rel <= 1e-4, "{}: latent rel error {rel}", case.name);
@@ -168,12 +162,12 @@ fn guidance_and_noise_reach_the_sample() {
         .unwrap()
     };
     let base = run(4.5, &noise);
-    assert!(max_abs(&(run(0.0, &noise) - &base).unwrap()) > 1e-2);
+    assert!(max_abs_diff(&run(0.0, &noise), &base) > 1e-2);
     let other = vec![noise[1].clone(), noise[0].clone()];
-    assert!(max_abs(&(run(4.5, &other) - &base).unwrap()) > 1e-2);
+    assert!(max_abs_diff(&run(4.5, &other), &base) > 1e-2);
     // the last step's noise is multiplied by sin 0 = 0
     let last_zero = vec![noise[0].clone(), noise[1].zeros_like().unwrap()];
-    assert_eq!(max_abs(&(run(4.5, &last_zero) - &base).unwrap()), 0.0);
+    assert_eq!(max_abs_diff(&run(4.5, &last_zero), &base), 0.0);
 }
 
 #[test]

@@ -5,63 +5,19 @@
 //! constructor without allocating the weights.
 
 use crate::common;
-use crate::common::{fixture_path, load_fixture};
+use crate::common::{assert_close, fixture_path, load_fixture, max_abs_diff};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel, SelfAttention};
 use sana_sprint::models::trigflow::SanaTrigFlow;
 use sana_sprint::nn::dual::{self, Dual};
+use sana_sprint::synth;
 
 /// Tolerance on the relative L2 error of every f32 output against PyTorch.
-const REL_TOL: f32 = 1e-4;
-
-fn rel_l2(got: &Tensor, want: &Tensor) -> f32 {
-    let got = got.to_dtype(DType::F64).unwrap();
-    let want = want.to_dtype(DType::F64).unwrap();
-    assert_eq!(got.dims(), want.dims(), "shape mismatch");
-    let err = (&got - &want)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let norm = want
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (err / norm).sqrt() as f32
-}
-
-fn max_abs(got: &Tensor, want: &Tensor) -> f32 {
-    let d = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap() as f32
-}
-
-fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let (rel, abs) = (rel_l2(got, want), max_abs(got, want));
-    println!("{what}: rel L2 {rel:.3e}, max abs {abs:.3e}");
-    assert!(
-        rel < tol,
-        "{what}: relative L2 error {rel:.3e} >= {tol:.1e} (max abs {abs:.3e})"
-    );
-}
+const REL_TOL: f64 = 1e-4;
 
 /// The tiny model's weights (prefix "teacher." or "student.") and its io tensors.
 struct Tiny {
@@ -130,7 +86,7 @@ fn timestep_features_match_diffusers() {
     let got = dual::timestep_features(&Dual::constant(io["io.t"].clone()), 256)
         .unwrap()
         .primal;
-    let abs = max_abs(&got, &io["io.features"]);
+    let abs = max_abs_diff(&got, &io["io.features"]);
     println!("timestep features: max abs {abs:.3e}");
     assert!(abs < 1e-6, "timestep features: max abs error {abs:.3e}");
 }
@@ -157,7 +113,7 @@ fn teacher_and_student_velocity_match_diffusers() {
         )
         .unwrap();
     assert!(v.tangent.is_none());
-    check("teacher_v", &v.primal, &tiny.io("teacher_v"), REL_TOL);
+    assert_close("teacher_v", &v.primal, &tiny.io("teacher_v"), REL_TOL);
 
     let student = tiny.model(true, DType::F32);
     let v = student
@@ -170,7 +126,7 @@ fn teacher_and_student_velocity_match_diffusers() {
             Some(&mask),
         )
         .unwrap();
-    check("student_v", &v.primal, &tiny.io("student_v"), REL_TOL);
+    assert_close("student_v", &v.primal, &tiny.io("student_v"), REL_TOL);
 }
 
 #[test]
@@ -193,7 +149,7 @@ fn trigflow_outputs_and_logvar_match_diffusers() {
             Some(&mask),
         )
         .unwrap();
-    check("teacher_F", &f.primal, &tiny.io("teacher_F"), REL_TOL);
+    assert_close("teacher_F", &f.primal, &tiny.io("teacher_F"), REL_TOL);
 
     let student = tiny.model(true, DType::F32);
     let f = student
@@ -205,9 +161,9 @@ fn trigflow_outputs_and_logvar_match_diffusers() {
             Some(&mask),
         )
         .unwrap();
-    check("student_F", &f.primal, &tiny.io("student_F"), REL_TOL);
+    assert_close("student_F", &f.primal, &tiny.io("student_F"), REL_TOL);
     let logvar = student.logvar(&t, Some(&g)).unwrap();
-    check(
+    assert_close(
         "student_logvar",
         &logvar,
         &tiny.io("student_logvar"),
@@ -222,13 +178,13 @@ fn bf16_student_stays_close_to_the_f32_reference() {
     let tiny = tiny();
     let out = student_jvp(&tiny, DType::BF16, SelfAttention::Linear);
     assert_eq!(out.dtype(), DType::F32, "the wrapper returns f32");
-    check(
+    assert_close(
         "student_F (bf16 weights)",
         &out.primal,
         &tiny.io("student_F_jvp_primal"),
         3e-2,
     );
-    check(
+    assert_close(
         "student_dF (bf16 weights)",
         out.tangent.as_ref().unwrap(),
         &tiny.io("student_dF"),
@@ -257,13 +213,13 @@ fn student_jvp(tiny: &Tiny, dtype: DType, attention: SelfAttention) -> Dual {
 fn student_jvp_matches_torch_func_jvp() {
     let tiny = tiny();
     let out = student_jvp(&tiny, DType::F32, SelfAttention::Linear);
-    check(
+    assert_close(
         "student F (jvp primal)",
         &out.primal,
         &tiny.io("student_F_jvp_primal"),
         REL_TOL,
     );
-    check(
+    assert_close(
         "student_dF",
         out.tangent.as_ref().unwrap(),
         &tiny.io("student_dF"),
@@ -275,13 +231,13 @@ fn student_jvp_matches_torch_func_jvp() {
 fn softmax_self_attention_variant_matches_the_reference_script() {
     let tiny = tiny();
     let out = student_jvp(&tiny, DType::F32, SelfAttention::Softmax);
-    check(
+    assert_close(
         "student_softmax_self_attn_F",
         &out.primal,
         &tiny.io("student_softmax_self_attn_F"),
         REL_TOL,
     );
-    check(
+    assert_close(
         "student_softmax_self_attn_dF",
         out.tangent.as_ref().unwrap(),
         &tiny.io("student_softmax_self_attn_dF"),
@@ -328,14 +284,14 @@ fn student_jvp_agrees_with_central_differences_in_f64() {
             Some(&mask),
         )
         .unwrap();
-    check(
+    assert_close(
         "dual JVP (f64) vs central differences (f64, h=1e-5)",
         exact.tangent.as_ref().unwrap(),
         &fd,
         1e-7,
     );
     let f32_jvp = student_jvp(&tiny, DType::F32, SelfAttention::Linear);
-    check(
+    assert_close(
         "dual JVP (f32) vs central differences (f64)",
         f32_jvp.tangent.as_ref().unwrap(),
         &fd,
@@ -360,7 +316,7 @@ fn block_taps_are_the_block_outputs() {
             &[1, 0],
         )
         .unwrap();
-    check(
+    assert_close(
         "forward_with_taps output",
         &out.primal,
         &tiny.io("teacher_v"),
@@ -379,12 +335,12 @@ fn block_taps_are_the_block_outputs() {
     assert_eq!(taps.len(), 2);
     assert_eq!(taps[0].dims(), &[2, 16, 16]);
     assert_eq!(
-        max_abs(&early[0].primal, &taps[1].primal),
+        max_abs_diff(&early[0].primal, &taps[1].primal),
         0.0,
         "early stop must not change block 0's output"
     );
     assert!(
-        max_abs(&taps[0].primal, &taps[1].primal) > 1e-3,
+        max_abs_diff(&taps[0].primal, &taps[1].primal) > 1e-3,
         "taps must be in the order asked for"
     );
     let wrapped = teacher
@@ -478,61 +434,26 @@ fn student_backward_through_the_same_code_matches_central_differences() {
 /// Parameter names with their shapes.
 type KeyShapes = Vec<(String, Vec<usize>)>;
 
-/// A VarBuilder backend that records every requested (name, shape) and hands out zero-stride broadcast
-/// tensors, so that real-size models are built without allocating their weights.
-#[derive(Clone, Default)]
-struct ShapeRecorder {
-    seen: Arc<Mutex<KeyShapes>>,
-}
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.seen
-            .lock()
-            .unwrap()
-            .push((name.to_string(), s.dims().to_vec()));
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        candle_core::bail!(
-            "unchecked access to {name}: every parameter must be requested with its shape"
-        )
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
-}
-
 struct Recorded {
     transformer: KeyShapes,
     with_logvar: KeyShapes,
 }
 
+/// The keys the transformer alone and the TrigFlow wrapper with its logvar head request, built without
+/// allocating the weights.
 fn record(cfg: &SanaConfig) -> Recorded {
-    let recorder = ShapeRecorder::default();
-    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
-    let transformer = SanaTransformer2DModel::new(cfg, vb.clone()).unwrap();
-    let transformer_keys = recorder.seen.lock().unwrap().clone();
-    let wrapper = SanaTrigFlow::with_logvar(transformer, &vb).unwrap();
-    assert!(wrapper.has_logvar());
-    let all = recorder.seen.lock().unwrap().clone();
+    let transformer =
+        synth::record_keys(|vb| Ok(SanaTransformer2DModel::new(cfg, vb).map(|_| ())?)).unwrap();
+    let with_logvar = synth::record_keys(|vb| {
+        let transformer = SanaTransformer2DModel::new(cfg, vb.clone())?;
+        let wrapper = SanaTrigFlow::with_logvar(transformer, &vb)?;
+        assert!(wrapper.has_logvar());
+        Ok(())
+    })
+    .unwrap();
     Recorded {
-        transformer: transformer_keys,
-        with_logvar: all,
+        transformer,
+        with_logvar,
     }
 }
 

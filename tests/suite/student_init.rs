@@ -4,7 +4,7 @@
 //! L2 < 1e-4); only the learnable guidance init lets training make the output depend on the guidance scale.
 
 use crate::common;
-use crate::common::fixture_path;
+use crate::common::{fixture_path, max_abs_diff, rel_l2};
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,11 +23,7 @@ fn tiny_teacher_dir() -> PathBuf {
 }
 
 fn fixture() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixture_path("sana_transformer_tiny.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
+    common::load_fixture("sana_transformer_tiny")
 }
 
 fn fixture_config() -> SanaConfig {
@@ -59,25 +55,6 @@ fn fixture_student(guidance: GuidanceInit) -> Student {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    common::max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
-}
-
-fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
-    let sq = |t: &Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let diff = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap()).unwrap();
-    (sq(&diff) / sq(want)).sqrt()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {

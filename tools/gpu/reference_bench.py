@@ -79,7 +79,7 @@ COMPLEX_HUMAN_INSTRUCTION = [
     "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",
     "User Prompt: ",
 ]
-# the caption words of sprint-bench (src/bin/sprint-bench/random.rs CAPTION_WORDS)
+# the caption words of sprint-bench (src/synth.rs CAPTION_WORDS)
 CAPTION_WORDS = """a an the of with and in on at by under over near behind image photo painting illustration scene
 portrait landscape close-up view red orange yellow green teal blue purple pink white black brown golden silver grey
 pastel vivid soft warm cold bright dark glowing cat dog bird horse fox owl dragon robot woman man child knight city

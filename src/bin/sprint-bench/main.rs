@@ -18,7 +18,6 @@
 
 mod gpu;
 mod parity;
-mod random;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,7 +37,7 @@ use sana_sprint::prep::{self, PrepOptions};
 use sana_sprint::train::trainer::{self, TrainOptions};
 use serde_json::{json, Map, Value};
 
-use random::{NormWeights, PipelineSpec};
+use sana_sprint::synth::{self as random, NormWeights, PipelineSpec};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -1,7 +1,8 @@
-//! Random inputs at real size, without downloads: model folders with random weights under the real key names
-//! (the names and shapes a model asks its `VarBuilder` for, checked against the real checkpoints' key lists),
-//! a word-level tokenizer with Gemma's vocabulary size, parquet shards of generated images and captions, and
-//! a latent store of random rows.
+//! Random models and data of real shapes for benches, tests and the GPU check (`sprint-bench`), without
+//! downloads: model folders with random weights under the real key names (the names and shapes a model asks
+//! its `VarBuilder` for, checked against the real checkpoints' key lists in `data/keys/`), a word-level
+//! tokenizer with Gemma's vocabulary size, parquet shards of generated images and captions, and a latent store
+//! of random rows.
 //!
 //! Every generated folder is cached under the work directory with a marker naming what it holds, written
 //! under a temporary name and renamed when complete, so a killed run never leaves a half-written folder.
@@ -11,6 +12,15 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::models::dcae::{DcaeConfig, DcaeEncoder};
+use crate::models::gemma2::{Gemma2Config, Gemma2Encoder};
+use crate::models::sana::{SanaConfig, SanaTransformer2DModel};
+use crate::rng::SeededRng;
+use crate::store::{
+    FloatEncoding, LatentRow, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
+    StoreDType, StoreWriter,
+};
+use crate::text::COMPLEX_HUMAN_INSTRUCTION;
 use anyhow::{bail, Context, Result};
 use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
 use arrow_schema::{DataType as ArrowType, Field, Schema};
@@ -18,33 +28,26 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
-use sana_sprint::models::dcae::{DcaeConfig, DcaeEncoder};
-use sana_sprint::models::gemma2::{Gemma2Config, Gemma2Encoder};
-use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel};
-use sana_sprint::rng::SeededRng;
-use sana_sprint::store::{
-    FloatEncoding, LatentRow, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
-    StoreDType, StoreWriter,
-};
-use sana_sprint::text::COMPLEX_HUMAN_INSTRUCTION;
 
 /// The SANA 1.0/1.1 DC-AE `vae/config.json` (SPEC §1.2).
-pub const SANA_VAE_CONFIG: &str =
-    include_str!("../../../tests/fixtures/configs/dcae_f32c32_sana_vae.json");
+pub const SANA_VAE_CONFIG: &str = include_str!("../data/configs/dcae_f32c32_sana_vae.json");
 /// The tiny pipeline's DC-AE config (smoke runs).
-pub const TINY_VAE_CONFIG: &str =
-    include_str!("../../../datasets/tiny-sana-sprint/vae/config.json");
+pub const TINY_VAE_CONFIG: &str = include_str!("../datasets/tiny-sana-sprint/vae/config.json");
 /// The tiny pipeline's Gemma-2 config (smoke runs; its vocabulary is replaced by the generated tokenizer's).
 pub const TINY_GEMMA_CONFIG: &str =
-    include_str!("../../../datasets/tiny-sana-sprint/text_encoder/config.json");
+    include_str!("../datasets/tiny-sana-sprint/text_encoder/config.json");
 
 /// Key lists (`name<TAB>[shape]`) of the real checkpoints.
-const KEYS_VAE: &str = include_str!("../../../tests/fixtures/keys/dcae_f32c32_sana_vae.txt");
-const KEYS_GEMMA: &str = include_str!("../../../tests/fixtures/keys/gemma2_2b_text_encoder.txt");
-const KEYS_TEACHER_1_6B: &str =
-    include_str!("../../../tests/fixtures/keys/sana_sprint_1.6B_teacher_transformer.txt");
-const KEYS_TEACHER_0_6B: &str =
-    include_str!("../../../tests/fixtures/keys/sana_sprint_0.6B_teacher_transformer.txt");
+pub const KEYS_VAE: &str = include_str!("../data/keys/dcae_f32c32_sana_vae.txt");
+pub const KEYS_GEMMA: &str = include_str!("../data/keys/gemma2_2b_text_encoder.txt");
+pub const KEYS_TEACHER_1_6B: &str =
+    include_str!("../data/keys/sana_sprint_1.6B_teacher_transformer.txt");
+pub const KEYS_TEACHER_0_6B: &str =
+    include_str!("../data/keys/sana_sprint_0.6B_teacher_transformer.txt");
+pub const KEYS_STUDENT_1_6B: &str =
+    include_str!("../data/keys/sana_sprint_1.6B_student_transformer.txt");
+pub const KEYS_STUDENT_0_6B: &str =
+    include_str!("../data/keys/sana_sprint_0.6B_student_transformer.txt");
 
 /// Gemma-2-2B's vocabulary size (SPEC §1.3).
 pub const GEMMA_VOCAB: usize = 256_000;
@@ -53,9 +56,13 @@ pub const GEMMA_VOCAB: usize = 256_000;
 pub type Key = (String, Vec<usize>);
 
 /// A `VarBuilder` backend that answers every request with a zero-stride placeholder and records the request,
-/// so that building a model lists its checkpoint keys without allocating its weights.
+/// so that building a model lists its checkpoint keys without allocating its weights. Names requested more
+/// than once are kept apart: a checkpoint holds each name once.
 #[derive(Clone, Default)]
-struct KeyRecorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
+struct KeyRecorder {
+    keys: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+    repeated: Arc<Mutex<Vec<String>>>,
+}
 
 impl SimpleBackend for KeyRecorder {
     fn get(
@@ -66,10 +73,17 @@ impl SimpleBackend for KeyRecorder {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.0
+        let previous = self
+            .keys
             .lock()
             .expect("recorder lock")
             .insert(name.to_string(), s.dims().to_vec());
+        if previous.is_some() {
+            self.repeated
+                .lock()
+                .expect("recorder lock")
+                .push(name.to_string());
+        }
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
 
@@ -82,12 +96,21 @@ impl SimpleBackend for KeyRecorder {
     }
 }
 
-/// The keys (sorted by name) that `build` requests from the `VarBuilder` it is given.
+/// The keys (sorted by name) that `build` requests from the `VarBuilder` it is given; fails when `build`
+/// requests a name twice.
 pub fn record_keys(build: impl FnOnce(VarBuilder) -> anyhow::Result<()>) -> Result<Vec<Key>> {
     let recorder = KeyRecorder::default();
     let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
     build(vb)?;
-    let keys = recorder.0.lock().expect("recorder lock");
+    let repeated = recorder.repeated.lock().expect("recorder lock");
+    if !repeated.is_empty() {
+        bail!(
+            "the model requests {} names more than once: {:?}",
+            repeated.len(),
+            &repeated[..repeated.len().min(5)]
+        );
+    }
+    let keys = recorder.keys.lock().expect("recorder lock");
     Ok(keys.iter().map(|(k, s)| (k.clone(), s.clone())).collect())
 }
 
@@ -953,6 +976,27 @@ mod tests {
     }
 
     #[test]
+    fn a_name_requested_twice_is_refused() {
+        let once = record_keys(|vb| {
+            vb.get((2, 3), "a.weight")?;
+            vb.get(4, "a.bias")?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            once,
+            vec![("a.bias".into(), vec![4]), ("a.weight".into(), vec![2, 3])]
+        );
+        let err = record_keys(|vb| {
+            vb.get((2, 3), "a.weight")?;
+            vb.get((2, 3), "a.weight")?;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("a.weight"), "{err}");
+    }
+
+    #[test]
     fn random_values_follow_the_rule_and_are_reproducible() {
         let keys = vec![
             ("a.weight".to_string(), vec![64, 16]),
@@ -1002,7 +1046,7 @@ mod tests {
     fn generated_tokenizer_covers_the_instruction_and_captions() {
         let dir = tempfile::tempdir().unwrap();
         write_tokenizer(dir.path(), 1000).unwrap();
-        let tok = sana_sprint::text::load_tokenizer(dir.path()).unwrap();
+        let tok = crate::text::load_tokenizer(dir.path()).unwrap();
         assert_eq!(tok.get_vocab_size(true), 1000);
         let chi = COMPLEX_HUMAN_INSTRUCTION.join("\n");
         let enc = tok.encode(chi.as_str(), true).unwrap();

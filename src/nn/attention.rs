@@ -1,0 +1,94 @@
+//! Attention as [`Dual`] ops: softmax over the last dim, softmax attention and SANA's ReLU linear attention,
+//! each with its forward-mode rule and computed in f32 (f64 for f64 input).
+
+use candle_core::{Result, Tensor, D};
+
+use crate::nn::dual::{compute_dtype, Dual};
+
+/// Softmax over the last dim in f32 (composed, so it has a backward): ṗ = p ⊙ (ż − Σ p ż).
+pub fn softmax_last_dim(x: &Dual) -> Result<Dual> {
+    let (dtype, cdt) = (x.dtype(), compute_dtype(x.dtype()));
+    let xf = x.primal.to_dtype(cdt)?;
+    // softmax is shift invariant, so the max needs no gradient
+    let shifted = xf
+        .broadcast_sub(&xf.max_keepdim(D::Minus1)?.detach())?
+        .exp()?;
+    let p = shifted.broadcast_div(&shifted.sum_keepdim(D::Minus1)?)?;
+    let tangent = match &x.tangent {
+        Some(t) => {
+            let tf = t.to_dtype(cdt)?;
+            let mean = (&p * &tf)?.sum_keepdim(D::Minus1)?;
+            Some((&p * tf.broadcast_sub(&mean)?)?.to_dtype(dtype)?)
+        }
+        None => None,
+    };
+    Ok(Dual {
+        primal: p.to_dtype(dtype)?,
+        tangent,
+    })
+}
+
+/// Softmax attention in f32 (f64 for f64 inputs): q (B,H,N,d), k and v (B,H,L,d), optional additive bias broadcastable to
+/// (B,H,N,L); returns (B,H,N,d) in q's dtype. `softmax(q·kᵀ·scale + bias)·v`.
+pub fn softmax_attention(
+    q: &Dual,
+    k: &Dual,
+    v: &Dual,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Dual> {
+    let (dtype, cdt) = (q.dtype(), compute_dtype(q.dtype()));
+    let (q, k, v) = (q.to_dtype(cdt)?, k.to_dtype(cdt)?, v.to_dtype(cdt)?);
+    let mut scores = q.matmul(&k.transpose(2, 3)?)?.affine(scale, 0.)?;
+    if let Some(bias) = bias {
+        scores = scores.add(&Dual::constant(bias.to_dtype(cdt)?))?;
+    }
+    softmax_last_dim(&scores)?.matmul(&v)?.to_dtype(dtype)
+}
+
+/// Sana's ReLU-kernel linear attention in f32 (f64 for f64 inputs; `SanaLinearAttnProcessor2_0`), token-major: q, k, v (B,H,N,d)
+/// → (B,H,N,d) in q's dtype. out_n = Σ_m v_m (k'_m·q'_n) / (Σ_m k'_m·q'_n + 1e−15) with q' = relu(q),
+/// k' = relu(k); the normaliser comes from a column of ones appended to v (the reference's padding trick),
+/// whose tangent is zero.
+pub fn relu_linear_attention(q: &Dual, k: &Dual, v: &Dual) -> Result<Dual> {
+    let (dtype, cdt) = (q.dtype(), compute_dtype(q.dtype()));
+    let q = q.relu()?.to_dtype(cdt)?;
+    let k = k.relu()?.to_dtype(cdt)?;
+    let v = v.to_dtype(cdt)?;
+    let (b, h, n, d) = v.primal.dims4()?;
+    let ones = Dual::constant(Tensor::ones((b, h, n, 1), cdt, v.device())?);
+    let v_padded = Dual::cat(&[&v, &ones], 3)?;
+    let kv = k.transpose(2, 3)?.matmul(&v_padded)?; // (B,H,d,d+1)
+    let out = q.matmul(&kv)?; // (B,H,N,d+1)
+    let normaliser = out.narrow(3, d, 1)?.affine(1., 1e-15)?;
+    out.narrow(3, 0, d)?.div(&normaliser)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::dual::tests::check_rule;
+
+    #[test]
+    fn attention_tangent_rules_agree_with_central_differences() -> Result<()> {
+        check_rule("softmax", &[2, 3, 8], &softmax_last_dim)?;
+        let split = |x: &Dual| -> Result<(Dual, Dual, Dual)> {
+            let parts = x.chunk(3, 3)?;
+            Ok((
+                parts[0].contiguous()?,
+                parts[1].contiguous()?,
+                parts[2].contiguous()?,
+            ))
+        };
+        check_rule("relu linear attention", &[1, 2, 6, 12], &|x| {
+            let (q, k, v) = split(x)?;
+            // keep q, k away from the ReLU kink so that differences are smooth
+            relu_linear_attention(&q.affine(1., 3.)?, &k.affine(1., 3.)?, &v)
+        })?;
+        check_rule("softmax attention", &[1, 2, 6, 12], &|x| {
+            let (q, k, v) = split(x)?;
+            softmax_attention(&q, &k, &v, 0.5, None)
+        })?;
+        Ok(())
+    }
+}

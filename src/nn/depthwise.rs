@@ -1,0 +1,372 @@
+//! The two depthwise 2-D convolutions (groups == channels, stride 1), both as sums of k² shifted slices of the
+//! zero-padded input times per-channel tap weights:
+//! - [`depthwise_conv2d_channels_last`]: a [`Dual`] op on channels-last (B, H, W, C) tokens (SANA's GLUMBConv),
+//!   with a custom backward that keeps the graph small;
+//! - [`depthwise_conv2d`]: NCHW (DC-AE), chunked over channels on the CPU.
+
+use candle_core::{bail, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::nn::conv::pad2d;
+use crate::nn::dual::Dual;
+
+/// Depthwise 2-D convolution (stride 1, zero padding k/2, odd k) on channels-last input x (B,H,W,C) as a sum
+/// of k² shifted slices times per-channel weights; `weight` in PyTorch layout (C,1,kh,kw). The zero-padded
+/// input is flattened to rows of W+2p tokens so that every tap is one contiguous slice of it (cheap forward
+/// and cheap backward); output positions in the pad columns are computed and dropped. Linear, so the tangent
+/// is the same sum without the bias.
+pub fn depthwise_conv2d_channels_last(
+    x: &Dual,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Dual> {
+    let (_, _, kh, kw) = weight.dims4()?;
+    let taps = conv_taps(weight)?;
+    let conv = |t: &Tensor| -> Result<Tensor> {
+        if t.track_op() || weight.track_op() {
+            // computed without a graph, then given its gradient by a custom backward: the graph keeps the input
+            // and one output-sized copy instead of the k² shifted products and partial sums (17 activation-sized
+            // tensors for a 3×3 kernel, the largest activations of a SANA block)
+            let value = shifted_sum_conv(&t.detach(), &taps.detach(), kh, kw)?;
+            value.apply_op3(t, weight, DepthwiseConvBackward { kh, kw })
+        } else {
+            shifted_sum_conv(t, &taps, kh, kw)
+        }
+    };
+    let mut y = x.map(conv)?;
+    if let Some(b) = bias {
+        y.primal = y.primal.broadcast_add(b)?;
+    }
+    Ok(y)
+}
+
+/// Per-tap rows of per-channel weights (kh·kw, C) of a depthwise weight (C, 1, kh, kw).
+fn conv_taps(weight: &Tensor) -> Result<Tensor> {
+    let (c, _, kh, kw) = weight.dims4()?;
+    weight.reshape((c, kh * kw))?.t()?.contiguous()
+}
+
+/// The zero-padded input (B, (H+2p)·(W+2p), C) flattened to rows of W+2p tokens, the row length, and the number
+/// of flat output positions (output (y, x) sits at y·row + x).
+fn padded_rows(t: &Tensor, kh: usize, kw: usize) -> Result<(Tensor, usize, usize)> {
+    let (b, h, w, c) = t.dims4()?;
+    let (ph, pw) = (kh / 2, kw / 2);
+    let row = w + 2 * pw;
+    let padded = t
+        .pad_with_zeros(2, pw, pw)?
+        .pad_with_zeros(1, ph, ph)?
+        .reshape((b, (h + 2 * ph) * row, c))?;
+    Ok((padded, row, (h - 1) * row + w))
+}
+
+/// Depthwise conv of channels-last t (B, H, W, C) with taps (kh·kw, C) as k² shifted contiguous slices.
+fn shifted_sum_conv(t: &Tensor, taps: &Tensor, kh: usize, kw: usize) -> Result<Tensor> {
+    let (b, h, w, c) = t.dims4()?;
+    let (padded, row, len) = padded_rows(t, kh, kw)?;
+    let mut acc: Option<Tensor> = None;
+    for dy in 0..kh {
+        for dx in 0..kw {
+            // output (y, x) reads padded[y·row + x + dy·row + dx]
+            let term = padded
+                .narrow(1, dy * row + dx, len)?
+                .broadcast_mul(&taps.get(dy * kw + dx)?)?;
+            acc = Some(match acc {
+                Some(a) => (a + term)?,
+                None => term,
+            });
+        }
+    }
+    acc.expect("kernel has at least one tap")
+        .pad_with_zeros(1, 0, row - w)?
+        .reshape((b, h, row, c))?
+        .narrow(2, 0, w)
+}
+
+/// Identity on the precomputed conv output (arg 1) whose backward gives the conv's input (arg 2) and weight
+/// (arg 3) their gradients: dx = conv(dy, flipped kernel), dw[c, i, j] = Σ x_pad[·, y+i, x+j, c]·dy[·, y, x, c].
+struct DepthwiseConvBackward {
+    kh: usize,
+    kw: usize,
+}
+
+impl DepthwiseConvBackward {
+    fn copy<S>(s: &S, l: &candle_core::Layout) -> Result<(S, Shape)>
+    where
+        S: candle_core::backend::BackendStorage,
+        S::Device: candle_core::backend::BackendDevice<Storage = S>,
+    {
+        use candle_core::backend::BackendDevice;
+        let mut dst = s.device().zeros_impl(l.shape(), s.dtype())?;
+        s.copy_strided_src(&mut dst, 0, l)?;
+        Ok((dst, l.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp3 for DepthwiseConvBackward {
+    fn name(&self) -> &'static str {
+        "depthwise-conv-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        Self::copy(s1, l1)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::copy(s1, l1)
+    }
+
+    fn bwd(
+        &self,
+        _value: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (kh, kw) = (self.kh, self.kw);
+        let (x, g) = (x.detach(), grad.detach().to_dtype(x.dtype())?);
+        let taps = conv_taps(&weight.detach())?;
+        // the kernel flipped in both spatial dims = the tap rows in reverse order
+        let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
+        let flipped = taps.index_select(&Tensor::new(reversed, taps.device())?, 0)?;
+        let grad_x = shifted_sum_conv(&g, &flipped, kh, kw)?;
+
+        let (b, h, w, c) = x.dims4()?;
+        let (padded, row, len) = padded_rows(&x, kh, kw)?;
+        let g_rows = g
+            .pad_with_zeros(2, 0, row - w)?
+            .reshape((b, h * row, c))?
+            .narrow(1, 0, len)?;
+        let per_tap = (0..kh * kw)
+            .map(|k| {
+                let (dy, dx) = (k / kw, k % kw);
+                padded
+                    .narrow(1, dy * row + dx, len)?
+                    .mul(&g_rows)?
+                    .sum((0, 1))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grad_w = Tensor::stack(&per_tap, 0)?
+            .t()?
+            .reshape((c, 1, kh, kw))?
+            .to_dtype(weight.dtype())?;
+        Ok((None, Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// Elements per channel chunk of [`depthwise_conv2d`] on the CPU: small enough for its k² passes to stay in
+/// the L2 cache (6-8x faster than whole-tensor passes at the DC-AE's 4096-8192 channels).
+const DEPTHWISE_CHUNK_ELEMS: usize = 32 * 1024;
+
+/// Depthwise 2-D convolution (groups == channels, stride 1, zero padding `padding` on every side).
+///
+/// Computed as the sum over the `kh·kw` taps of a shifted slice of the padded input times the per-channel
+/// tap weight; candle's grouped `conv2d` would run one convolution per channel instead. On the CPU the
+/// channels are processed in cache-sized chunks in parallel.
+/// `x`: (B, C, H, W); `weight`: (C, 1, kh, kw) as stored by PyTorch; `bias`: (C,).
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (wc, per_group, kh, kw) = weight.dims4()?;
+    if wc != c || per_group != 1 {
+        bail!(
+            "depthwise_conv2d: weight {:?} does not fit {c} input channels (expected ({c}, 1, kh, kw))",
+            weight.dims()
+        )
+    }
+    if h + 2 * padding < kh || w + 2 * padding < kw {
+        bail!("depthwise_conv2d: kernel {kh}x{kw} larger than the padded {h}x{w} input")
+    }
+    let plane = b * (h + 2 * padding + 1) * (w + 2 * padding);
+    let chunk = (DEPTHWISE_CHUNK_ELEMS / plane).max(1);
+    if !x.device().is_cpu() || chunk >= c {
+        return depthwise_shifted_sum(x, weight, bias, padding);
+    }
+    let starts: Vec<usize> = (0..c).step_by(chunk).collect();
+    let parts = starts
+        .into_par_iter()
+        .map(|start| {
+            let n = chunk.min(c - start);
+            let bias = bias.map(|b| b.narrow(0, start, n)).transpose()?;
+            depthwise_shifted_sum(
+                &x.narrow(1, start, n)?,
+                &weight.narrow(0, start, n)?,
+                bias.as_ref(),
+                padding,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
+}
+
+/// [`depthwise_conv2d`] on all channels at once. On the padded input flattened to (C, rows·cols), tap
+/// (ky, kx) of every output pixel is one contiguous window starting at ky·cols + kx, so each tap is a single
+/// long strided pass; the output is computed on full padded rows and cropped.
+fn depthwise_shifted_sum(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (_, _, kh, kw) = weight.dims4()?;
+    let (rows, cols) = (h + 2 * padding, w + 2 * padding);
+    let (out_h, out_w) = (rows + 1 - kh, cols + 1 - kw);
+    // One extra zero row at the bottom keeps the last tap's window inside the buffer.
+    let flat =
+        pad2d(x, padding, padding + 1, padding, padding)?.reshape((b, c, (rows + 1) * cols))?;
+    let taps = weight.reshape((1, c, kh * kw))?;
+    let mut acc: Option<Tensor> = None;
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let term = flat
+                .narrow(2, ky * cols + kx, out_h * cols)?
+                .broadcast_mul(&taps.narrow(2, ky * kw + kx, 1)?)?;
+            acc = Some(match acc {
+                None => term,
+                Some(acc) => (acc + term)?,
+            });
+        }
+    }
+    let out = acc
+        .expect("a kernel has at least one tap")
+        .reshape((b, c, out_h, cols))?
+        .narrow(3, 0, out_w)?;
+    match bias {
+        Some(bias) => out.broadcast_add(&bias.reshape((1, c, 1, 1))?),
+        None => out.contiguous(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::dual::tests::check_rule;
+    use candle_core::Device;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn channels_last_tangent_rule_agrees_with_central_differences() -> Result<()> {
+        let wk = Tensor::randn(0f64, 0.3, (8, 1, 3, 3), &Device::Cpu)?;
+        check_rule("depthwise conv", &[1, 4, 5, 8], &|x| {
+            depthwise_conv2d_channels_last(x, &wk, None)
+        })
+    }
+
+    #[test]
+    fn depthwise_conv_custom_backward_matches_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        for (kh, shape) in [
+            (3usize, (2usize, 5usize, 4usize, 6usize)),
+            (5, (1, 3, 7, 2)),
+        ] {
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1., shape, &dev)?)?;
+            let w = candle_core::Var::from_tensor(&Tensor::randn(
+                0f64,
+                1.,
+                (shape.3, 1, kh, kh),
+                &dev,
+            )?)?;
+            let cot = Tensor::randn(0f64, 1., shape, &dev)?;
+            let fused = depthwise_conv2d_channels_last(
+                &Dual::constant(x.as_tensor().clone()),
+                w.as_tensor(),
+                None,
+            )?;
+            let plain = shifted_sum_conv(x.as_tensor(), &conv_taps(w.as_tensor())?, kh, kh)?;
+            assert!(
+                (&fused.primal - &plain)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f64>()?
+                    < 1e-12
+            );
+            let g_fused = (fused.primal * &cot)?.sum_all()?.backward()?;
+            let g_plain = (plain * &cot)?.sum_all()?.backward()?;
+            for v in [&x, &w] {
+                let (a, b) = (
+                    g_fused.get(v.as_tensor()).unwrap(),
+                    g_plain.get(v.as_tensor()).unwrap(),
+                );
+                let err = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err < 1e-10, "kernel {kh}: gradient differs by {err}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn depthwise_conv_matches_grouped_conv2d() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 6, 5, 7), &dev)?; // NCHW
+        let w = Tensor::randn(0f32, 1., (6, 1, 3, 3), &dev)?;
+        let b = Tensor::randn(0f32, 1., 6, &dev)?;
+        let want = x
+            .conv2d(&w, 1, 1, 1, 6)?
+            .broadcast_add(&b.reshape((1, 6, 1, 1))?)?;
+        let got = depthwise_conv2d_channels_last(
+            &Dual::constant(x.permute((0, 2, 3, 1))?),
+            &w,
+            Some(&b),
+        )?
+        .primal
+        .permute((0, 3, 1, 2))?;
+        let err = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(err < 1e-5, "max abs error {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn depthwise_matches_grouped_conv2d() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, c, h, w, k, pad) in [(1, 6, 7, 5, 3, 1), (2, 4, 6, 6, 5, 2), (1, 3, 4, 9, 3, 0)] {
+            let x = Tensor::randn(0f32, 1., (b, c, h, w), &dev)?;
+            let weight = Tensor::randn(0f32, 1., (c, 1, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1., c, &dev)?;
+            let ours = depthwise_conv2d(&x, &weight, Some(&bias), pad)?;
+            let reference = x
+                .conv2d(&weight, pad, 1, 1, c)?
+                .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+            assert_eq!(ours.dims(), reference.dims());
+            assert!(max_abs_diff(&ours, &reference) < 1e-5);
+        }
+        Ok(())
+    }
+}
