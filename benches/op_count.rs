@@ -5,8 +5,9 @@
 //! Every input of the step (latents, prompt and negative embeddings, every random draw) is made a `Var`, so every
 //! operation that depends on the data is recorded in candle's graph; the count is the number of distinct graph
 //! nodes reachable from the step's outputs (the G loss, the teacher CFG velocity and the JVP tangent; the D loss
-//! and both logit maps). Views (reshape, transpose, narrow) are nodes too, so this over-counts GPU launches by
-//! the views; compare counts of the same code before and after a change, not with a profiler's launch count.
+//! and both logit maps). The steps run as the trainer runs them, gradients included, but only the forward graph
+//! is counted. Views (reshape, transpose, narrow) are nodes too, so this over-counts GPU launches by the views;
+//! compare counts of the same code before and after a change, not with a profiler's launch count.
 //! Weight-only work (casts of the weights in bf16) is not data-dependent and is not counted.
 
 use std::collections::HashSet;
@@ -44,7 +45,8 @@ fn main() {
         SanaTrigFlow::new(SanaTransformer2DModel::load(&teacher_dir, DType::F32, &dev).unwrap());
     let student = Student::from_teacher(&teacher_dir, GuidanceInit::Learnable, 0, &dev).unwrap();
     let heads = DiscHeads::new(&DEFAULT_HEAD_BLOCK_IDS, 32, 1, &dev).unwrap();
-    let (tracked_model, frozen) = student.compute_models(DType::F32).unwrap();
+    let compute = student.compute_models(DType::F32).unwrap();
+    let student_vars: Vec<Var> = student.named_vars().into_iter().map(|(_, v)| v).collect();
     let (b, l, h) = (2usize, 300usize, 8usize);
     let mut rng = SeededRng::new(3);
     let mut normal = |shape: &[usize]| {
@@ -67,12 +69,8 @@ fn main() {
     };
     for checkpointing in [false, true] {
         let models = Models {
-            teacher: &teacher,
-            student: &tracked_model,
-            student_frozen: &frozen,
-            heads: &heads,
             gradient_checkpointing: checkpointing,
-            teacher_negative: None,
+            ..Models::new(&teacher, &compute, &heads)
         };
         let mut draw_rng = SeededRng::new(5);
         let g = GeneratorDraws::sample(&mut draw_rng, &[b, 32, h, h], &settings, &dev).unwrap();
@@ -84,10 +82,13 @@ fn main() {
             t_d_normal: g.t_d_normal,
             noise_d: tracked(g.noise_d),
         };
-        let out = step::generator_loss(&models, &batch, &g, &settings, 1000).unwrap();
+        let (_, out) =
+            step::generator_grads(&models, &batch, &g, &settings, 1000, &student_vars, 1.0)
+                .unwrap();
         let g_ops = count(&[&out.loss, &out.dxt_dt, &out.df]);
         let d = DiscriminatorDraws::sample(&mut draw_rng, &[b, 32, h, h], &settings, &dev).unwrap();
-        let out = step::discriminator_loss(&models, &batch, &d, &settings).unwrap();
+        let (_, out) =
+            step::discriminator_grads(&models, &batch, &d, &settings, &heads.vars(), 1.0).unwrap();
         let d_ops = count(&[&out.loss]);
         println!(
             "tiny config (20 blocks), B={b}, latent {h}x{h}, L={l}, largest-timestep + misaligned pairs, \

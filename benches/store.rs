@@ -209,7 +209,8 @@ fn loader_throughput(path: &std::path::Path, n: usize) {
             sigma_data: 0.5,
         };
         let cpu = cpu_seconds();
-        let mut loader = StoreLoader::start(path, &opts, LoaderPosition::default()).unwrap();
+        let store = LatentStore::open(path).unwrap();
+        let mut loader = StoreLoader::start(store, &opts, LoaderPosition::default()).unwrap();
         let batches = 2 * loader.batches_per_epoch() as usize;
         let t = Instant::now();
         for _ in 0..batches {

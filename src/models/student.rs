@@ -48,6 +48,15 @@ pub struct Student {
     device: Device,
 }
 
+/// The student as a training step computes with it ([`Student::compute_models`]).
+#[derive(Clone, Debug)]
+pub struct ComputeModels {
+    /// Weights that lead back to the trainable variables: its passes build a graph.
+    pub tracked: SanaTrigFlow,
+    /// The same weights without a graph, for the JVP and the no-grad passes.
+    pub frozen: SanaTrigFlow,
+}
+
 /// Where each requested tensor's initial value comes from.
 enum Source {
     /// A teacher checkpoint (`guidance_embeds = false` keys), per SPEC §8.3.
@@ -290,9 +299,12 @@ impl Student {
     /// are `dtype` casts of the variables (its passes build a graph back to the f32 variables) and a frozen twin
     /// of the same casts (no graph). In f32 the models read the variables directly. Casts are snapshots: rebuild
     /// after every optimiser step (f32 models see `Var::set` updates in place).
-    pub fn compute_models(&self, dtype: DType) -> Result<(SanaTrigFlow, SanaTrigFlow)> {
+    pub fn compute_models(&self, dtype: DType) -> Result<ComputeModels> {
         if dtype == DType::F32 {
-            return Ok((self.model.clone(), self.detached()?));
+            return Ok(ComputeModels {
+                tracked: self.model.clone(),
+                frozen: self.detached()?,
+            });
         }
         let mut tracked = HashMap::new();
         let mut frozen = HashMap::new();
@@ -305,7 +317,10 @@ impl Student {
             let vb = VarBuilder::from_tensors(tensors, dtype, &self.device);
             student_model(&self.config, &vb, self.self_attention)
         };
-        Ok((build(tracked)?, build(frozen)?))
+        Ok(ComputeModels {
+            tracked: build(tracked)?,
+            frozen: build(frozen)?,
+        })
     }
 
     /// A model over the same storage whose weights are plain tensors: its passes build no graph and see every

@@ -4,7 +4,7 @@
 //! `x0 = latent · vae_scaling_factor · σd`; prompt embeddings are padded back to `max_sequence_length` with
 //! zeros and the mask rebuilt (ones then zeros); the negative embedding comes from the store's metadata.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::rng::SeededRng;
 use crate::store::{LatentRow, LatentStore, RowReader, StoreConfig, StoredRow};
+use crate::train::step::Batch;
 
 /// Where the loader is: batch `batch` of epoch `epoch` is the next one it yields. Saved in checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -76,16 +77,18 @@ impl TrainBatch {
         self.ids.is_empty()
     }
 
-    /// `(x0, prompt_embeds, mask)` as f32 tensors on `device`.
-    pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    /// The batch as the training step takes it: f32 tensors on `device`, with the run's negative prompt.
+    pub fn to_batch(&self, negative: &NegativePrompt, device: &Device) -> Result<Batch> {
         let b = self.len();
         let [c, h, w] = self.latent_shape;
         let (l, d) = (self.max_sequence_length, self.hidden_size);
-        Ok((
-            Tensor::from_slice(&self.x0, (b, c, h, w), device)?,
-            Tensor::from_slice(&self.prompt_embeds, (b, l, d), device)?,
-            Tensor::from_slice(&self.mask, (b, l), device)?,
-        ))
+        Ok(Batch {
+            x0: Tensor::from_slice(&self.x0, (b, c, h, w), device)?,
+            prompt_embeds: Tensor::from_slice(&self.prompt_embeds, (b, l, d), device)?,
+            prompt_mask: Tensor::from_slice(&self.mask, (b, l), device)?,
+            neg_embeds: negative.embeds.clone(),
+            neg_mask: negative.mask.clone(),
+        })
     }
 }
 
@@ -197,21 +200,35 @@ pub fn assemble_stored(
     })
 }
 
-/// The unconditional embedding repeated `batch_size` times, padded to `(B, L, D)`, and its mask `(B, L)`.
-pub fn negative_batch(config: &StoreConfig, batch_size: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (l, d, n) = (
-        config.max_sequence_length,
-        config.text_hidden_size,
-        config.negative_prompt_len,
-    );
-    let neg = config.negative_prompt_embeds()?;
-    let mut emb = vec![0f32; batch_size * l * d];
-    let mut mask = vec![0f32; batch_size * l];
-    for b in 0..batch_size {
-        emb[b * l * d..b * l * d + n * d].copy_from_slice(&neg);
-        mask[b * l..b * l + n].iter_mut().for_each(|m| *m = 1.0);
+/// The store's unconditional prompt repeated over a batch, on a device.
+#[derive(Debug, Clone)]
+pub struct NegativePrompt {
+    /// `(B, L, D)`: the stored embedding, then zero rows.
+    pub embeds: Tensor,
+    /// `(B, L)`: ones then zeros.
+    pub mask: Tensor,
+}
+
+impl NegativePrompt {
+    /// The unconditional embedding of `config` repeated `batch_size` times, padded to `max_sequence_length`.
+    pub fn repeated(config: &StoreConfig, batch_size: usize, device: &Device) -> Result<Self> {
+        let (l, d, n) = (
+            config.max_sequence_length,
+            config.text_hidden_size,
+            config.negative_prompt_len,
+        );
+        let neg = config.negative_prompt_embeds()?;
+        let mut emb = vec![0f32; batch_size * l * d];
+        let mut mask = vec![0f32; batch_size * l];
+        for b in 0..batch_size {
+            emb[b * l * d..b * l * d + n * d].copy_from_slice(&neg);
+            mask[b * l..b * l + n].iter_mut().for_each(|m| *m = 1.0);
+        }
+        Ok(Self {
+            embeds: Tensor::from_vec(emb, (batch_size, l, d), device)?,
+            mask: Tensor::from_vec(mask, (batch_size, l), device)?,
+        })
     }
-    Ok((emb, mask))
 }
 
 /// The batches from `start` on, endlessly: `(position, store offsets)`, a pure function of (seed, epoch, batch).
@@ -296,18 +313,21 @@ pub struct StoreLoader {
 }
 
 impl StoreLoader {
-    /// Opens the store and starts prefetching from `start`.
-    pub fn start(path: &Path, opts: &LoaderOptions, start: LoaderPosition) -> Result<Self> {
+    /// Starts prefetching from `start` out of `store`. This is the one place that refuses a store with fewer
+    /// rows than one batch.
+    pub fn start(store: LatentStore, opts: &LoaderOptions, start: LoaderPosition) -> Result<Self> {
         if opts.batch_size == 0 {
             return Err(Error::Arg("the batch size must be at least 1".into()));
         }
-        let store = LatentStore::open(path)?;
         let rows = store.len()?;
         let per_epoch = batches_per_epoch(rows, opts.batch_size, opts.drop_last);
         if per_epoch == 0 {
             return Err(Error::store(
-                path,
-                format!("{rows} rows is less than one batch of {}", opts.batch_size),
+                store.path(),
+                format!(
+                    "{rows} rows is less than one batch of {} (--train_batch_size)",
+                    opts.batch_size
+                ),
             ));
         }
         let config = store.config().clone();
@@ -318,7 +338,7 @@ impl StoreLoader {
         let prefetch = opts.prefetch.max(1);
         let in_flight = ((2 * cores).div_ceil(opts.batch_size) + 1).clamp(1, prefetch);
         let (tx, rx) = bounded((prefetch - in_flight).max(1));
-        let (opts, path): (LoaderOptions, PathBuf) = (opts.clone(), path.to_path_buf());
+        let (opts, path): (LoaderOptions, PathBuf) = (opts.clone(), store.path().to_path_buf());
         let worker_config = Arc::new(config.clone());
         let worker = std::thread::Builder::new()
             .name("store-loader".into())

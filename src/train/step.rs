@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::models::discriminator::{self, DiscHeads, Mode};
 use crate::models::sana::TextContext;
+use crate::models::student::ComputeModels;
 use crate::models::trigflow::SanaTrigFlow;
 use crate::nn::checkpoint::Recompute;
 use crate::nn::dual::Dual;
@@ -229,6 +230,7 @@ impl DiscriminatorDraws {
 
 /// The networks a step uses. `student` reads the trainable variables (its passes build a graph);
 /// `student_frozen` computes with the same values without a graph (JVP and no-grad passes).
+#[derive(Clone, Copy)]
 pub struct Models<'a> {
     pub teacher: &'a SanaTrigFlow,
     pub student: &'a SanaTrigFlow,
@@ -241,13 +243,42 @@ pub struct Models<'a> {
     pub teacher_negative: Option<&'a TextContext>,
 }
 
+impl<'a> Models<'a> {
+    /// The teacher, the student's compute models and the heads; no gradient checkpointing, and the teacher's
+    /// negative context computed per step.
+    pub fn new(
+        teacher: &'a SanaTrigFlow,
+        student: &'a ComputeModels,
+        heads: &'a DiscHeads,
+    ) -> Self {
+        Self {
+            teacher,
+            student: &student.tracked,
+            student_frozen: &student.frozen,
+            heads,
+            gradient_checkpointing: false,
+            teacher_negative: None,
+        }
+    }
+}
+
+/// The teacher's text context of the negative prompt (embeddings (B, L, D), mask (B, L)). It is the same for
+/// every step of a run: the trainer computes it once and passes it as [`Models::teacher_negative`].
+pub fn negative_context(
+    teacher: &SanaTrigFlow,
+    neg_embeds: &Tensor,
+    neg_mask: &Tensor,
+) -> Result<TextContext> {
+    teacher.text_context(neg_embeds, Some(neg_mask))
+}
+
 /// Student outputs whose gradients still have to be pushed through recomputed blocks after `backward`.
 #[derive(Default)]
 pub struct PendingRecompute(Vec<(Var, Recompute)>);
 
 impl PendingRecompute {
     /// Completes `grads` (from `loss.backward()`) with the gradients of the checkpointed student passes.
-    pub fn finish(self, grads: &mut GradStore) -> Result<()> {
+    fn finish(self, grads: &mut GradStore) -> Result<()> {
         for (leaf, recompute) in self.0 {
             if let Some(g) = grads.remove(leaf.as_tensor()) {
                 recompute.backward(&g, grads)?;
@@ -270,7 +301,8 @@ pub struct GeneratorOutput {
     pub logvar: Tensor,
     pub x0_pred: Tensor,
     pub logits: Tensor,
-    pub pending: PendingRecompute,
+    /// Checkpointed student passes, completed by [`generator_grads`].
+    pending: PendingRecompute,
 }
 
 /// Results of a discriminator step.
@@ -575,4 +607,49 @@ pub fn discriminator_loss(
         logits_fake: logits_fake.detach(),
         logits_real: logits_real.detach(),
     })
+}
+
+/// `grads` reduced to the gradients of `vars` (detached); the rest are dropped.
+fn keep_only(mut grads: GradStore, vars: &[Var]) -> GradStore {
+    let mut kept = GradStore::default();
+    for var in vars {
+        if let Some(g) = grads.remove(var.as_tensor()) {
+            kept.insert(var.as_tensor(), g.detach());
+        }
+    }
+    kept
+}
+
+/// The gradients of one generator step: [`generator_loss`] times `loss_scale` (1/accumulation steps in the
+/// trainer; NaN poisons the step), backward, the checkpointed student passes completed, and only the gradients
+/// of `student_vars` kept (the heads' are discarded: the generator step does not update them). The output's
+/// `loss` is the unscaled loss.
+pub fn generator_grads(
+    m: &Models,
+    batch: &Batch,
+    draws: &GeneratorDraws,
+    s: &StepSettings,
+    global_step: u64,
+    student_vars: &[Var],
+    loss_scale: f64,
+) -> Result<(GradStore, GeneratorOutput)> {
+    let mut out = generator_loss(m, batch, draws, s, global_step)?;
+    let mut grads = out.loss.affine(loss_scale, 0.0)?.backward()?;
+    std::mem::take(&mut out.pending).finish(&mut grads)?;
+    Ok((keep_only(grads, student_vars), out))
+}
+
+/// The gradients of one discriminator step: [`discriminator_loss`] times `loss_scale`, backward, and only the
+/// gradients of `head_vars` kept. The output's `loss` is the unscaled loss.
+pub fn discriminator_grads(
+    m: &Models,
+    batch: &Batch,
+    draws: &DiscriminatorDraws,
+    s: &StepSettings,
+    head_vars: &[Var],
+    loss_scale: f64,
+) -> Result<(GradStore, DiscriminatorOutput)> {
+    let out = discriminator_loss(m, batch, draws, s)?;
+    let grads = out.loss.affine(loss_scale, 0.0)?.backward()?;
+    Ok((keep_only(grads, head_vars), out))
 }

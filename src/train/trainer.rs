@@ -5,7 +5,7 @@
 //! Per data batch the random draws come from a generator seeded by (seed, batches consumed so far), so a resumed
 //! run draws exactly what the uninterrupted run would have drawn.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -15,19 +15,19 @@ use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::models::discriminator::DiscHeads;
-use crate::models::sana::{SanaConfig, SanaTransformer2DModel};
-use crate::models::student::Student;
+use crate::models::sana::{SanaConfig, SanaTransformer2DModel, TextContext};
+use crate::models::student::{ComputeModels, Student};
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
 use crate::rng::SeededRng;
 use crate::store::{compat, LatentStore};
 use crate::train::checkpoint::{self, Phase, TrainerState, CHECKPOINT_VERSION};
 use crate::train::loader::{
-    batches_per_epoch, negative_batch, LoaderOptions, LoaderPosition, StoreLoader,
+    LoaderOptions, LoaderPosition, NegativePrompt, StoreLoader, TrainBatch,
 };
 use crate::train::optim::{clip_grad_norm, AdamW, LrSchedule};
 pub use crate::train::options::TrainOptions;
-use crate::train::step::{self, Batch, DiscriminatorDraws, GeneratorDraws, Models};
+use crate::train::step::{self, DiscriminatorDraws, GeneratorDraws, Models};
 use crate::train::validation::{ValidationSettings, Validator};
 use crate::{Error, Result};
 
@@ -105,12 +105,82 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 
 /// Runs the distillation described by `opts`.
 pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
-    opts.check()?;
-    let started = Instant::now();
-    let device = &opts.device;
-    let dtype = opts.compute_dtype();
-    let root = &opts.pretrained_model_name_or_path;
-    let teacher_dir = root.join("transformer");
+    Trainer::setup(opts)?.train()
+}
+
+/// The metrics log, `metrics.jsonl`: one JSON object per line.
+struct MetricsLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Opens `output_dir/metrics.jsonl`: continued up to `resumed_step` on resume, started afresh otherwise.
+    fn open(output_dir: &Path, resumed_step: Option<u64>) -> Result<Self> {
+        let path = output_dir.join("metrics.jsonl");
+        match resumed_step {
+            Some(step) => truncate_metrics(&path, step)?,
+            None if path.exists() => {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?
+            }
+            None => {}
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Self { file, path })
+    }
+
+    fn write(&mut self, line: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Samples per second, measured over windows of at least half a second.
+struct SampleRate {
+    samples: usize,
+    clock: Instant,
+    per_s: f64,
+}
+
+impl SampleRate {
+    fn new() -> Self {
+        Self {
+            samples: 0,
+            clock: Instant::now(),
+            per_s: 0.0,
+        }
+    }
+
+    /// Counts `n` more samples.
+    fn add(&mut self, n: usize) {
+        self.samples += n;
+    }
+
+    /// The rate of the last window, starting a new window when the current one is long enough.
+    fn per_s(&mut self) -> f64 {
+        let since = self.clock.elapsed().as_secs_f64();
+        if since > 0.5 {
+            self.per_s = self.samples as f64 / since;
+            self.samples = 0;
+            self.clock = Instant::now();
+        }
+        self.per_s
+    }
+}
+
+/// An applied optimiser step: its phase, the pre-clip gradient norm and the learning rate it used.
+struct SyncedStep {
+    phase: Phase,
+    grad_norm: f64,
+    lr: f64,
+}
+
+/// The teacher's transformer folder and config, checked to be a teacher deep enough for `--head_block_ids`.
+fn teacher_config(opts: &TrainOptions) -> Result<(PathBuf, SanaConfig)> {
+    let teacher_dir = opts.pretrained_model_name_or_path.join("transformer");
     if !teacher_dir.join("config.json").is_file() {
         return Err(Error::Missing {
             what: "teacher transformer".into(),
@@ -120,8 +190,8 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
                 .into(),
         });
     }
-    let teacher_config = SanaConfig::from_folder(&teacher_dir)?;
-    if teacher_config.guidance_embeds {
+    let config = SanaConfig::from_folder(&teacher_dir)?;
+    if config.guidance_embeds {
         return Err(Error::model(
             teacher_dir.join("config.json"),
             "guidance_embeds is true: this is a distilled student, not a teacher; pass the teacher pipeline",
@@ -130,47 +200,23 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
     if let Some(&bad) = opts
         .head_block_ids
         .iter()
-        .find(|&&i| i >= teacher_config.num_layers)
+        .find(|&&i| i >= config.num_layers)
     {
         return Err(Error::Arg(format!(
             "--head_block_ids names block {bad}, but the teacher has {} blocks",
-            teacher_config.num_layers
+            config.num_layers
         )));
     }
+    Ok((teacher_dir, config))
+}
 
-    // the store, checked against the teacher before loading anything heavy
-    let store = LatentStore::open(&opts.latents)?;
-    let store_config = store.config().clone();
-    let store_rows = store.len()?;
-    drop(store);
-    compat::check_fits_teacher(
-        &store_config,
-        &opts.latents,
-        root,
-        &teacher_config,
-        opts.allow_store_mismatch,
-    )?;
-    let per_epoch = batches_per_epoch(store_rows, opts.train_batch_size, true);
-    if per_epoch == 0 {
-        return Err(Error::store(
-            &opts.latents,
-            format!(
-                "{store_rows} rows is less than one batch of {} (--train_batch_size)",
-                opts.train_batch_size
-            ),
-        ));
-    }
-    let updates_per_epoch = per_epoch.div_ceil(opts.gradient_accumulation_steps as u64);
-    let max_train_steps = opts
-        .max_train_steps
-        .unwrap_or(opts.num_train_epochs * updates_per_epoch);
-
-    // resume point
-    let resume_dir = match &opts.resume_from_checkpoint {
+/// The checkpoint to resume from, if any; refuses to start afresh over an existing run's checkpoints.
+fn resume_dir(opts: &TrainOptions) -> Result<Option<PathBuf>> {
+    let dir = match &opts.resume_from_checkpoint {
         Some(arg) => checkpoint::resolve_resume(&opts.output_dir, arg)?,
         None => None,
     };
-    if resume_dir.is_none() {
+    if dir.is_none() {
         if let Some(existing) = checkpoint::latest(&opts.output_dir)? {
             return Err(Error::Arg(format!(
                 "{} already holds checkpoints (latest: {}); pass --resume_from_checkpoint latest to continue \
@@ -180,59 +226,65 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
             )));
         }
     }
-    std::fs::create_dir_all(&opts.output_dir).map_err(|e| Error::io(&opts.output_dir, e))?;
-    checkpoint::remove_partial(&opts.output_dir)?;
-    let resumed = resume_dir
-        .as_ref()
-        .map(|dir| checkpoint::read_state(dir))
-        .transpose()?;
-    if let Some(state) = &resumed {
-        let dir = resume_dir.as_ref().expect("state read from a folder");
-        for (what, saved, now) in [
-            ("store rows", state.store_rows, store_rows),
-            (
-                "--train_batch_size",
-                state.train_batch_size,
-                opts.train_batch_size,
-            ),
-            (
-                "--gradient_accumulation_steps",
-                state.gradient_accumulation_steps,
-                opts.gradient_accumulation_steps,
-            ),
-        ] {
-            if saved != now {
-                return Err(Error::model(
-                    dir,
-                    format!(
-                        "{what} was {saved} when this checkpoint was written and is {now} now; an exact resume \
-                         needs the same store and batch settings"
-                    ),
-                ));
-            }
+    Ok(dir)
+}
+
+/// The trainer state saved in `dir`, checked to continue with the same store and batch settings.
+fn resumed_state(dir: &Path, opts: &TrainOptions, store_rows: usize) -> Result<TrainerState> {
+    let state = checkpoint::read_state(dir)?;
+    for (what, saved, now) in [
+        ("store rows", state.store_rows, store_rows),
+        (
+            "--train_batch_size",
+            state.train_batch_size,
+            opts.train_batch_size,
+        ),
+        (
+            "--gradient_accumulation_steps",
+            state.gradient_accumulation_steps,
+            opts.gradient_accumulation_steps,
+        ),
+    ] {
+        if saved != now {
+            return Err(Error::model(
+                dir,
+                format!(
+                    "{what} was {saved} when this checkpoint was written and is {now} now; an exact resume \
+                     needs the same store and batch settings"
+                ),
+            ));
         }
     }
+    Ok(state)
+}
 
-    // the loader starts first, so that its first batches are ready when the models are
-    let (seed, start_position) = resumed
-        .as_ref()
-        .map_or((opts.seed, LoaderPosition::default()), |s| {
-            (s.seed, s.loader)
-        });
-    let mut loader = StoreLoader::start(
-        &opts.latents,
-        &LoaderOptions {
-            batch_size: opts.train_batch_size,
-            seed,
-            drop_last: true,
-            prefetch: opts.prefetch,
-            sigma_data: opts.step.sigma_data as f32,
-        },
-        start_position,
-    )?;
-    // models
-    let teacher = SanaTrigFlow::new(SanaTransformer2DModel::load(&teacher_dir, dtype, device)?);
-    let (student, heads) = match &resume_dir {
+/// The state of a run that starts afresh.
+fn fresh_state(opts: &TrainOptions, store_rows: usize) -> TrainerState {
+    TrainerState {
+        checkpoint_version: CHECKPOINT_VERSION,
+        global_step: 0,
+        phase: Phase::Generator,
+        generator_updates: 0,
+        discriminator_updates: 0,
+        batches_consumed: 0,
+        loader: LoaderPosition::default(),
+        nan_skips: 0,
+        seed: opts.seed,
+        store_rows,
+        train_batch_size: opts.train_batch_size,
+        gradient_accumulation_steps: opts.gradient_accumulation_steps,
+    }
+}
+
+/// The student and the discriminator heads: from the checkpoint in `resume` or freshly from the teacher.
+fn trainable_models(
+    opts: &TrainOptions,
+    teacher_dir: &Path,
+    teacher_config: &SanaConfig,
+    resume: Option<&Path>,
+) -> Result<(Student, DiscHeads)> {
+    let device = &opts.device;
+    let (student, heads) = match resume {
         Some(dir) => {
             let files = [
                 dir.join(checkpoint::TRANSFORMER_DIR)
@@ -240,7 +292,7 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
                 dir.join(checkpoint::LOGVAR_FILE),
             ];
             let student =
-                Student::from_weights(&teacher_config, Weights::from_files(&files)?, device)?;
+                Student::from_weights(teacher_config, Weights::from_files(&files)?, device)?;
             let heads = DiscHeads::load_file(
                 &dir.join(checkpoint::HEADS_FILE),
                 &opts.head_block_ids,
@@ -249,7 +301,7 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
             (student, heads)
         }
         None => (
-            Student::from_teacher(&teacher_dir, opts.guidance_init, opts.seed, device)?,
+            Student::from_teacher(teacher_dir, opts.guidance_init, opts.seed, device)?,
             DiscHeads::new(
                 &opts.head_block_ids,
                 teacher_config.inner_dim(),
@@ -258,7 +310,6 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
             )?,
         ),
     };
-    let student = student.with_self_attention(opts.self_attention)?;
     if heads.channels() != teacher_config.inner_dim() {
         return Err(Error::Arg(format!(
             "discriminator heads are {}-wide but the teacher's inner dim is {}",
@@ -266,100 +317,38 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
             teacher_config.inner_dim()
         )));
     }
-    let student_vars: Vec<Var> = student.named_vars().into_iter().map(|(_, v)| v).collect();
-    let head_vars = heads.vars();
-    let lr = if opts.scale_lr {
-        opts.learning_rate * (opts.gradient_accumulation_steps * opts.train_batch_size) as f64
-    } else {
-        opts.learning_rate
-    };
-    let mut opt_g = AdamW::new(student.named_vars(), opts.adam)?;
-    let mut opt_d = AdamW::new(heads.named_vars(), opts.adam)?;
-    let schedule = LrSchedule::new(
-        opts.lr_scheduler,
-        lr,
-        opts.lr_warmup_steps,
-        max_train_steps,
-        opts.lr_num_cycles,
-        opts.lr_power,
-    )?;
-    let mut state = match (&resume_dir, resumed) {
-        (Some(dir), Some(state)) => {
-            opt_g.load_state(dir.join(checkpoint::OPTIM_G_FILE))?;
-            opt_d.load_state(dir.join(checkpoint::OPTIM_D_FILE))?;
-            state
-        }
-        _ => TrainerState {
-            checkpoint_version: CHECKPOINT_VERSION,
-            global_step: 0,
-            phase: Phase::Generator,
-            generator_updates: 0,
-            discriminator_updates: 0,
-            batches_consumed: 0,
-            loader: LoaderPosition::default(),
-            nan_skips: 0,
-            seed: opts.seed,
-            store_rows,
-            train_batch_size: opts.train_batch_size,
-            gradient_accumulation_steps: opts.gradient_accumulation_steps,
-        },
-    };
-    let student_config = checkpoint::student_config_json(&teacher_dir)?;
+    Ok((student.with_self_attention(opts.self_attention)?, heads))
+}
 
-    // output folder: config, metrics continued without duplicates
-    let config_path = opts.output_dir.join("train_config.json");
-    std::fs::write(
-        &config_path,
-        serde_json::to_string_pretty(&opts.config_json).expect("JSON serialises"),
-    )
-    .map_err(|e| Error::io(&config_path, e))?;
-    let metrics_path = opts.output_dir.join("metrics.jsonl");
-    if resume_dir.is_some() {
-        truncate_metrics(&metrics_path, state.global_step)?;
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+/// The validation sampler, when `--validation_prompts` are given (images at the store's resolution).
+fn validator(opts: &TrainOptions, resolution: usize) -> Result<Option<Validator>> {
+    if opts.validation_prompts.is_empty() {
+        return Ok(None);
     }
-    let mut metrics = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut timesteps = opts.validation_timesteps.clone();
+    if timesteps.last() != Some(&0.0) {
+        timesteps.push(0.0);
+    }
+    Ok(Some(Validator::load(
+        &opts.pretrained_model_name_or_path,
+        &opts.validation_prompts,
+        ValidationSettings {
+            images_per_prompt: opts.num_validation_images,
+            height: resolution,
+            width: resolution,
+            timesteps,
+            seed: opts.seed,
+            sigma_data: opts.step.sigma_data,
+            mixed_precision: opts.mixed_precision,
+            ..ValidationSettings::default()
+        },
+        &opts.device,
+    )?))
+}
 
-    let validator = if opts.validation_prompts.is_empty() {
-        None
-    } else {
-        let mut timesteps = opts.validation_timesteps.clone();
-        if timesteps.last() != Some(&0.0) {
-            timesteps.push(0.0);
-        }
-        let res = store_config.resolution as usize;
-        Some(Validator::load(
-            root,
-            &opts.validation_prompts,
-            ValidationSettings {
-                images_per_prompt: opts.num_validation_images,
-                height: res,
-                width: res,
-                timesteps,
-                seed: opts.seed,
-                sigma_data: opts.step.sigma_data,
-                mixed_precision: opts.mixed_precision,
-                ..ValidationSettings::default()
-            },
-            device,
-        )?)
-    };
-
-    let (neg, neg_mask) = negative_batch(loader.config(), opts.train_batch_size)?;
-    let (l, d) = (
-        loader.config().max_sequence_length,
-        loader.config().text_hidden_size,
-    );
-    let neg_embeds = Tensor::from_vec(neg, (opts.train_batch_size, l, d), device)?;
-    let neg_mask = Tensor::from_vec(neg_mask, (opts.train_batch_size, l), device)?;
-
-    let bar = if opts.progress {
-        let bar = ProgressBar::new(max_train_steps);
+fn progress_bar(show: bool, steps: u64, position: u64) -> ProgressBar {
+    let bar = if show {
+        let bar = ProgressBar::new(steps);
         bar.set_style(
             ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps ({per_sec}, ETA {eta}) {msg}",
@@ -370,291 +359,452 @@ pub fn run(opts: &TrainOptions) -> Result<RunSummary> {
     } else {
         ProgressBar::hidden()
     };
-    bar.set_position(state.global_step);
+    bar.set_position(position);
+    bar
+}
 
-    let teacher_negative = teacher.text_context(&neg_embeds, Some(&neg_mask))?;
-    let mut compute = student.compute_models(dtype)?;
-    let mut acc = GradStore::default();
-    let mut micro = 0usize;
-    let mut last = Last::default();
-    let mut checkpoints = Vec::new();
-    let mut validation_images = Vec::new();
-    let mut samples_since = 0usize;
-    let mut rate_clock = Instant::now();
-    let mut samples_per_s = 0.0;
+/// A training run: the models, optimisers, loader and outputs, and where the run stands.
+struct Trainer<'a> {
+    opts: &'a TrainOptions,
+    started: Instant,
+    dtype: DType,
+    max_train_steps: u64,
+    /// The seed of the run (from the checkpoint on resume).
+    seed: u64,
+    resumed_from: Option<PathBuf>,
+    loader: StoreLoader,
+    negative: NegativePrompt,
+    teacher: SanaTrigFlow,
+    /// The teacher's text context of `negative`, computed once per run.
+    teacher_negative: TextContext,
+    student: Student,
+    student_vars: Vec<Var>,
+    student_config: serde_json::Value,
+    compute: ComputeModels,
+    heads: DiscHeads,
+    head_vars: Vec<Var>,
+    opt_g: AdamW,
+    opt_d: AdamW,
+    /// The generator's learning rate by generator update.
+    schedule: LrSchedule,
+    /// The discriminator's constant learning rate (scaled with `--scale_lr`).
+    lr_d: f64,
+    state: TrainerState,
+    validator: Option<Validator>,
+    metrics: MetricsLog,
+    bar: ProgressBar,
+    /// Gradients accumulated over the micro-steps of the current update.
+    acc: GradStore,
+    micro: usize,
+    last: Last,
+    rate: SampleRate,
+    checkpoints: Vec<PathBuf>,
+    validation_images: Vec<PathBuf>,
+}
 
-    while state.global_step < max_train_steps {
-        let host = loader.next_batch()?;
-        let (x0, prompt_embeds, prompt_mask) = host.to_tensors(device)?;
-        let batch = Batch {
-            x0,
-            prompt_embeds,
-            prompt_mask,
-            neg_embeds: neg_embeds.clone(),
-            neg_mask: neg_mask.clone(),
-        };
-        let latent_shape = batch.x0.dims().to_vec();
-        let mut rng = batch_rng(seed, state.batches_consumed);
-        let models = Models {
-            teacher: &teacher,
-            student: &compute.0,
-            student_frozen: &compute.1,
-            heads: &heads,
-            gradient_checkpointing: opts.gradient_checkpointing,
-            teacher_negative: Some(&teacher_negative),
-        };
-        let poison = opts.inject_nan_batches.contains(&state.batches_consumed);
-        let scale = 1.0 / opts.gradient_accumulation_steps as f64;
-        match state.phase {
-            Phase::Generator => {
-                let draws = GeneratorDraws::sample(&mut rng, &latent_shape, &opts.step, device)?;
-                let out =
-                    step::generator_loss(&models, &batch, &draws, &opts.step, state.global_step)?;
-                let mut loss = out.loss.affine(scale, 0.0)?;
-                if poison {
-                    loss = loss.affine(f64::NAN, 0.0)?;
-                }
-                let mut grads = loss.backward()?;
-                out.pending.finish(&mut grads)?;
-                accumulate(&mut acc, &grads, &student_vars)?;
-                last.scm = Some(out.scm_loss);
-                last.adv = Some(out.adv_loss);
-            }
-            Phase::Discriminator => {
-                let draws =
-                    DiscriminatorDraws::sample(&mut rng, &latent_shape, &opts.step, device)?;
-                let out = step::discriminator_loss(&models, &batch, &draws, &opts.step)?;
-                let mut loss = out.loss.affine(scale, 0.0)?;
-                if poison {
-                    loss = loss.affine(f64::NAN, 0.0)?;
-                }
-                let grads = loss.backward()?;
-                accumulate(&mut acc, &grads, &head_vars)?;
-                last.d = Some(out.d_loss);
-            }
-        }
-        state.batches_consumed += 1;
-        state.loader = host.position.next(loader.batches_per_epoch());
-        samples_since += host.len();
-        micro += 1;
-        if micro < opts.gradient_accumulation_steps {
-            continue;
-        }
-        micro = 0;
+impl<'a> Trainer<'a> {
+    /// Validates the options, opens the store and checks it against the teacher, finds the resume point,
+    /// starts the loader, builds the models and optimisers, and prepares the output folder.
+    fn setup(opts: &'a TrainOptions) -> Result<Self> {
+        opts.check()?;
+        let started = Instant::now();
+        let (device, dtype) = (&opts.device, opts.compute_dtype());
+        let (teacher_dir, teacher_config) = teacher_config(opts)?;
 
-        // a synced step
-        let phase = state.phase;
-        let vars = match phase {
-            Phase::Generator => &student_vars,
-            Phase::Discriminator => &head_vars,
+        // the store, checked against the teacher before loading anything heavy
+        let store = LatentStore::open(&opts.latents)?;
+        compat::check_fits_teacher(
+            store.config(),
+            &opts.latents,
+            &opts.pretrained_model_name_or_path,
+            &teacher_config,
+            opts.allow_store_mismatch,
+        )?;
+        let store_rows = store.len()?;
+
+        let resume_dir = resume_dir(opts)?;
+        std::fs::create_dir_all(&opts.output_dir).map_err(|e| Error::io(&opts.output_dir, e))?;
+        checkpoint::remove_partial(&opts.output_dir)?;
+        let resumed = match &resume_dir {
+            Some(dir) => Some(resumed_state(dir, opts, store_rows)?),
+            None => None,
         };
-        let total_norm = clip_grad_norm(&mut acc, vars, opts.gradient_clip)?;
-        let grads = std::mem::take(&mut acc);
-        if !total_norm.is_finite() {
-            state.nan_skips += 1;
-            tracing::warn!(
-                "non-finite gradient norm in phase {} at global step {}: step skipped ({} so far)",
-                phase.name(),
-                state.global_step,
-                state.nan_skips
-            );
-            let line = serde_json::json!({
-                "step": state.global_step, "event": "nan_skip", "phase": phase.name(),
-                "nan_skips": state.nan_skips, "batch": state.batches_consumed - 1,
+
+        // the loader starts first, so that its first batches are ready when the models are
+        let (seed, start) = resumed
+            .as_ref()
+            .map_or((opts.seed, LoaderPosition::default()), |s| {
+                (s.seed, s.loader)
             });
-            writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
-            continue;
+        let loader_options = LoaderOptions {
+            batch_size: opts.train_batch_size,
+            seed,
+            drop_last: true,
+            prefetch: opts.prefetch,
+            sigma_data: opts.step.sigma_data as f32,
+        };
+        let loader = StoreLoader::start(store, &loader_options, start)?;
+        let updates_per_epoch = loader
+            .batches_per_epoch()
+            .div_ceil(opts.gradient_accumulation_steps as u64);
+        let max_train_steps = opts
+            .max_train_steps
+            .unwrap_or(opts.num_train_epochs * updates_per_epoch);
+
+        let teacher = SanaTrigFlow::new(SanaTransformer2DModel::load(&teacher_dir, dtype, device)?);
+        let (student, heads) =
+            trainable_models(opts, &teacher_dir, &teacher_config, resume_dir.as_deref())?;
+        let lr = if opts.scale_lr {
+            opts.learning_rate * (opts.gradient_accumulation_steps * opts.train_batch_size) as f64
+        } else {
+            opts.learning_rate
+        };
+        let mut opt_g = AdamW::new(student.named_vars(), opts.adam)?;
+        let mut opt_d = AdamW::new(heads.named_vars(), opts.adam)?;
+        let schedule = LrSchedule::new(
+            opts.lr_scheduler,
+            lr,
+            opts.lr_warmup_steps,
+            max_train_steps,
+            opts.lr_num_cycles,
+            opts.lr_power,
+        )?;
+        let state = match (&resume_dir, resumed) {
+            (Some(dir), Some(state)) => {
+                opt_g.load_state(dir.join(checkpoint::OPTIM_G_FILE))?;
+                opt_d.load_state(dir.join(checkpoint::OPTIM_D_FILE))?;
+                state
+            }
+            _ => fresh_state(opts, store_rows),
+        };
+        let student_config = checkpoint::student_config_json(&teacher_dir)?;
+
+        // output folder: config, metrics continued without duplicates
+        let config_path = opts.output_dir.join("train_config.json");
+        std::fs::write(
+            &config_path,
+            serde_json::to_string_pretty(&opts.config_json).expect("JSON serialises"),
+        )
+        .map_err(|e| Error::io(&config_path, e))?;
+        let metrics = MetricsLog::open(
+            &opts.output_dir,
+            resume_dir.is_some().then_some(state.global_step),
+        )?;
+        let validator = validator(opts, loader.config().resolution as usize)?;
+
+        let negative = NegativePrompt::repeated(loader.config(), opts.train_batch_size, device)?;
+        let teacher_negative = step::negative_context(&teacher, &negative.embeds, &negative.mask)?;
+        Ok(Self {
+            opts,
+            started,
+            dtype,
+            max_train_steps,
+            seed,
+            resumed_from: resume_dir,
+            loader,
+            negative,
+            teacher,
+            teacher_negative,
+            student_vars: student.named_vars().into_iter().map(|(_, v)| v).collect(),
+            compute: student.compute_models(dtype)?,
+            student,
+            student_config,
+            head_vars: heads.vars(),
+            heads,
+            opt_g,
+            opt_d,
+            schedule,
+            lr_d: lr,
+            bar: progress_bar(opts.progress, max_train_steps, state.global_step),
+            state,
+            validator,
+            metrics,
+            acc: GradStore::default(),
+            micro: 0,
+            last: Last::default(),
+            rate: SampleRate::new(),
+            checkpoints: Vec::new(),
+            validation_images: Vec::new(),
+        })
+    }
+
+    /// The loop: micro-steps, and after every `--gradient_accumulation_steps` of them an optimiser step with
+    /// its log line, checkpoint and validation; then the export.
+    fn train(mut self) -> Result<RunSummary> {
+        while self.state.global_step < self.max_train_steps {
+            let batch = self.loader.next_batch()?;
+            if !self.micro_step(&batch)? {
+                continue;
+            }
+            let Some(step) = self.sync_step()? else {
+                continue;
+            };
+            self.log(&step)?;
+            self.maybe_checkpoint()?;
+            self.maybe_validate()?;
+            if self.opts.kill_after_step == Some(self.state.global_step) {
+                self.bar.finish_and_clear();
+                return Ok(self.summary());
+            }
         }
-        let step_lr = match phase {
+        self.bar.finish_and_clear();
+        self.export()?;
+        Ok(self.summary())
+    }
+
+    /// One batch of the current phase: its gradients (scaled by 1/accumulation steps) added to the
+    /// accumulator. Returns whether the accumulation is complete.
+    fn micro_step(&mut self, host: &TrainBatch) -> Result<bool> {
+        let opts = self.opts;
+        let device = &opts.device;
+        let batch = host.to_batch(&self.negative, device)?;
+        let shape = batch.x0.dims().to_vec();
+        let mut rng = batch_rng(self.seed, self.state.batches_consumed);
+        let models = Models {
+            gradient_checkpointing: opts.gradient_checkpointing,
+            teacher_negative: Some(&self.teacher_negative),
+            ..Models::new(&self.teacher, &self.compute, &self.heads)
+        };
+        // the NaN test hook poisons the loss before backward
+        let loss_scale = if opts
+            .inject_nan_batches
+            .contains(&self.state.batches_consumed)
+        {
+            f64::NAN
+        } else {
+            1.0 / opts.gradient_accumulation_steps as f64
+        };
+        let (s, global_step) = (&opts.step, self.state.global_step);
+        match self.state.phase {
             Phase::Generator => {
-                let lr_now = schedule.lr_at(state.generator_updates);
-                opt_g.step(&grads, lr_now)?;
-                state.generator_updates += 1;
-                last.grad_norm_g = Some(total_norm);
-                if dtype != DType::F32 {
-                    compute = student.compute_models(dtype)?;
-                }
-                lr_now
+                let draws = GeneratorDraws::sample(&mut rng, &shape, s, device)?;
+                let (grads, out) = step::generator_grads(
+                    &models,
+                    &batch,
+                    &draws,
+                    s,
+                    global_step,
+                    &self.student_vars,
+                    loss_scale,
+                )?;
+                accumulate(&mut self.acc, &grads, &self.student_vars)?;
+                self.last.scm = Some(out.scm_loss);
+                self.last.adv = Some(out.adv_loss);
             }
             Phase::Discriminator => {
-                opt_d.step(&grads, lr)?;
-                state.discriminator_updates += 1;
-                last.grad_norm_d = Some(total_norm);
+                let draws = DiscriminatorDraws::sample(&mut rng, &shape, s, device)?;
+                let (grads, out) = step::discriminator_grads(
+                    &models,
+                    &batch,
+                    &draws,
+                    s,
+                    &self.head_vars,
+                    loss_scale,
+                )?;
+                accumulate(&mut self.acc, &grads, &self.head_vars)?;
+                self.last.d = Some(out.d_loss);
+            }
+        }
+        self.state.batches_consumed += 1;
+        self.state.loader = host.position.next(self.loader.batches_per_epoch());
+        self.rate.add(host.len());
+        self.micro += 1;
+        if self.micro < opts.gradient_accumulation_steps {
+            return Ok(false);
+        }
+        self.micro = 0;
+        Ok(true)
+    }
+
+    /// Clips the accumulated gradients and applies the phase's optimiser step; a non-finite norm skips the
+    /// step (logged) and returns `None`. The phase then alternates.
+    fn sync_step(&mut self) -> Result<Option<SyncedStep>> {
+        let phase = self.state.phase;
+        let vars = match phase {
+            Phase::Generator => &self.student_vars,
+            Phase::Discriminator => &self.head_vars,
+        };
+        let grad_norm = clip_grad_norm(&mut self.acc, vars, self.opts.gradient_clip)?;
+        let grads = std::mem::take(&mut self.acc);
+        if !grad_norm.is_finite() {
+            self.skip_non_finite(phase)?;
+            return Ok(None);
+        }
+        let lr = match phase {
+            Phase::Generator => {
+                let lr = self.schedule.lr_at(self.state.generator_updates);
+                self.opt_g.step(&grads, lr)?;
+                self.state.generator_updates += 1;
+                self.last.grad_norm_g = Some(grad_norm);
+                if self.dtype != DType::F32 {
+                    self.compute = self.student.compute_models(self.dtype)?;
+                }
                 lr
+            }
+            Phase::Discriminator => {
+                self.opt_d.step(&grads, self.lr_d)?;
+                self.state.discriminator_updates += 1;
+                self.last.grad_norm_d = Some(grad_norm);
+                self.lr_d
             }
         };
         drop(grads);
-        state.phase = phase.other();
-        state.global_step += 1;
+        self.state.phase = phase.other();
+        self.state.global_step += 1;
+        Ok(Some(SyncedStep {
+            phase,
+            grad_norm,
+            lr,
+        }))
+    }
 
-        let since = rate_clock.elapsed().as_secs_f64();
-        if since > 0.5 {
-            samples_per_s = samples_since as f64 / since;
-            samples_since = 0;
-            rate_clock = Instant::now();
-        }
-        let line = serde_json::json!({
+    /// Records a step skipped for a non-finite gradient norm (the phase stays, the step does not count).
+    fn skip_non_finite(&mut self, phase: Phase) -> Result<()> {
+        let state = &mut self.state;
+        state.nan_skips += 1;
+        tracing::warn!(
+            "non-finite gradient norm in phase {} at global step {}: step skipped ({} so far)",
+            phase.name(),
+            state.global_step,
+            state.nan_skips
+        );
+        self.metrics.write(serde_json::json!({
+            "step": state.global_step, "event": "nan_skip", "phase": phase.name(),
+            "nan_skips": state.nan_skips, "batch": state.batches_consumed - 1,
+        }))
+    }
+
+    /// The step's metrics line and the progress bar.
+    fn log(&mut self, step: &SyncedStep) -> Result<()> {
+        let samples_per_s = self.rate.per_s();
+        let (state, last) = (&self.state, &self.last);
+        let lr_g = self.schedule.lr_at(state.generator_updates);
+        self.metrics.write(serde_json::json!({
             "step": state.global_step,
-            "phase": phase.name(),
+            "phase": step.phase.name(),
             "scm_loss": last.scm,
             "adv_loss": last.adv,
             "d_loss": last.d,
-            "grad_norm": total_norm,
-            "lr": step_lr,
-            "lr_g": schedule.lr_at(state.generator_updates),
+            "grad_norm": step.grad_norm,
+            "lr": step.lr,
+            "lr_g": lr_g,
             "epoch": state.loader.epoch,
             "samples_per_s": samples_per_s,
-            "loader_wait_s": loader.waited().as_secs_f64(),
-            "elapsed_s": started.elapsed().as_secs_f64(),
+            "loader_wait_s": self.loader.waited().as_secs_f64(),
+            "elapsed_s": self.started.elapsed().as_secs_f64(),
             "nan_skips": state.nan_skips,
-        });
-        writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
-        bar.set_position(state.global_step);
-        bar.set_message(format!(
+        }))?;
+        self.bar.set_position(state.global_step);
+        self.bar.set_message(format!(
             "scm {} adv {} d {} |g| {} |d| {} lr {:.2e} {:.1} samples/s",
             fmt_opt(last.scm),
             fmt_opt(last.adv),
             fmt_opt(last.d),
             fmt_opt(last.grad_norm_g),
             fmt_opt(last.grad_norm_d),
-            schedule.lr_at(state.generator_updates),
+            lr_g,
             samples_per_s
         ));
+        Ok(())
+    }
 
-        if state.global_step % opts.checkpointing_steps == 0 {
-            let dir = save_checkpoint(
-                &opts.output_dir,
-                &state,
-                &student,
-                &student_config,
-                &heads,
-                &opt_g,
-                &opt_d,
-            )?;
-            if let Some(limit) = opts.checkpoints_total_limit {
-                for removed in checkpoint::prune(&opts.output_dir, limit)? {
-                    checkpoints.retain(|p| p != &removed);
-                }
-            }
-            bar.println(format!("saved {}", dir.display()));
-            checkpoints.push(dir);
+    /// Every `--checkpointing_steps`: writes `checkpoint-{step}` (student f32 master weights, logvar head,
+    /// heads with buffers, both optimiser states, trainer state) atomically, then prunes to
+    /// `--checkpoints_total_limit`.
+    fn maybe_checkpoint(&mut self) -> Result<()> {
+        if self.state.global_step % self.opts.checkpointing_steps != 0 {
+            return Ok(());
         }
-        if let (Some(v), Some(every)) = (&validator, opts.validation_steps) {
-            if state.global_step % every == 0 && state.global_step < max_train_steps {
-                let path = v.run(&compute.1, state.global_step, &opts.output_dir)?;
-                bar.println(format!("validation images: {}", path.display()));
-                validation_images.push(path);
+        let dir = checkpoint::write_atomically(
+            &self.opts.output_dir,
+            &checkpoint::checkpoint_name(self.state.global_step),
+            |dir| {
+                let named = student_tensors(&self.student);
+                checkpoint::save_student(dir, &self.student_config, &named, DType::F32)?;
+                self.heads.save(&dir.join(checkpoint::HEADS_FILE))?;
+                self.opt_g.save_state(dir.join(checkpoint::OPTIM_G_FILE))?;
+                self.opt_d.save_state(dir.join(checkpoint::OPTIM_D_FILE))?;
+                checkpoint::write_state(dir, &self.state)
+            },
+        )?;
+        if let Some(limit) = self.opts.checkpoints_total_limit {
+            for removed in checkpoint::prune(&self.opts.output_dir, limit)? {
+                self.checkpoints.retain(|p| p != &removed);
             }
         }
-        if opts.kill_after_step == Some(state.global_step) {
-            bar.finish_and_clear();
-            return Ok(summary(
-                &opts.output_dir,
-                &state,
-                &last,
-                started,
-                &loader,
-                checkpoints,
-                validation_images,
-                resume_dir,
-            ));
+        self.bar.println(format!("saved {}", dir.display()));
+        self.checkpoints.push(dir);
+        Ok(())
+    }
+
+    /// Every `--validation_steps` before the last step: validation images from the current student.
+    fn maybe_validate(&mut self) -> Result<()> {
+        let (Some(v), Some(every)) = (&self.validator, self.opts.validation_steps) else {
+            return Ok(());
+        };
+        let step = self.state.global_step;
+        if step % every == 0 && step < self.max_train_steps {
+            let path = v.run(&self.compute.frozen, step, &self.opts.output_dir)?;
+            self.bar
+                .println(format!("validation images: {}", path.display()));
+            self.validation_images.push(path);
+        }
+        Ok(())
+    }
+
+    /// The final diffusers export of the student (f32 with `--upcast_before_saving`, else the compute dtype),
+    /// the heads, and the final validation images.
+    fn export(&mut self) -> Result<()> {
+        let dtype = if self.opts.upcast_before_saving {
+            DType::F32
+        } else {
+            self.dtype
+        };
+        let out = &self.opts.output_dir;
+        checkpoint::save_student(
+            out,
+            &self.student_config,
+            &student_tensors(&self.student),
+            dtype,
+        )?;
+        self.heads.save(&out.join(checkpoint::HEADS_FILE))?;
+        if let Some(v) = &self.validator {
+            let path = v.run(&self.compute.frozen, self.state.global_step, out)?;
+            self.validation_images.push(path);
+        }
+        Ok(())
+    }
+
+    fn summary(self) -> RunSummary {
+        let (state, last) = (&self.state, &self.last);
+        RunSummary {
+            global_step: state.global_step,
+            generator_updates: state.generator_updates,
+            discriminator_updates: state.discriminator_updates,
+            nan_skips: state.nan_skips,
+            batches: state.batches_consumed,
+            last_scm_loss: last.scm,
+            last_adv_loss: last.adv,
+            last_d_loss: last.d,
+            elapsed: self.started.elapsed(),
+            loader_wait: self.loader.waited(),
+            checkpoints: self.checkpoints,
+            export_dir: self.opts.output_dir.join(checkpoint::TRANSFORMER_DIR),
+            validation_images: self.validation_images,
+            resumed_from: self.resumed_from,
         }
     }
-    bar.finish_and_clear();
+}
 
-    // final export
-    let export_dtype = if opts.upcast_before_saving {
-        DType::F32
-    } else {
-        dtype
-    };
-    let export_named: Vec<(String, Tensor)> = student
+/// The student's variables as named tensors (for saving).
+fn student_tensors(student: &Student) -> Vec<(String, Tensor)> {
+    student
         .named_vars()
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().clone()))
-        .collect();
-    checkpoint::save_student(
-        &opts.output_dir,
-        &student_config,
-        &export_named,
-        export_dtype,
-    )?;
-    let heads_path = opts.output_dir.join(checkpoint::HEADS_FILE);
-    heads.save(&heads_path)?;
-    if let Some(v) = &validator {
-        let path = v.run(&compute.1, state.global_step, &opts.output_dir)?;
-        validation_images.push(path);
-    }
-    Ok(summary(
-        &opts.output_dir,
-        &state,
-        &last,
-        started,
-        &loader,
-        checkpoints,
-        validation_images,
-        resume_dir,
-    ))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn summary(
-    output_dir: &Path,
-    state: &TrainerState,
-    last: &Last,
-    started: Instant,
-    loader: &StoreLoader,
-    checkpoints: Vec<PathBuf>,
-    validation_images: Vec<PathBuf>,
-    resumed_from: Option<PathBuf>,
-) -> RunSummary {
-    RunSummary {
-        global_step: state.global_step,
-        generator_updates: state.generator_updates,
-        discriminator_updates: state.discriminator_updates,
-        nan_skips: state.nan_skips,
-        batches: state.batches_consumed,
-        last_scm_loss: last.scm,
-        last_adv_loss: last.adv,
-        last_d_loss: last.d,
-        elapsed: started.elapsed(),
-        loader_wait: loader.waited(),
-        checkpoints,
-        export_dir: output_dir.join(checkpoint::TRANSFORMER_DIR),
-        validation_images,
-        resumed_from,
-    }
+        .collect()
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.4}"))
-}
-
-/// Writes `checkpoint-{global_step}` atomically (student f32 master weights, logvar head, heads with buffers,
-/// both optimiser states, trainer state).
-fn save_checkpoint(
-    output_dir: &Path,
-    state: &TrainerState,
-    student: &Student,
-    student_config: &serde_json::Value,
-    heads: &DiscHeads,
-    opt_g: &AdamW,
-    opt_d: &AdamW,
-) -> Result<PathBuf> {
-    checkpoint::write_atomically(
-        output_dir,
-        &checkpoint::checkpoint_name(state.global_step),
-        |dir| {
-            let named: Vec<(String, Tensor)> = student
-                .named_vars()
-                .into_iter()
-                .map(|(n, v)| (n, v.as_tensor().clone()))
-                .collect();
-            checkpoint::save_student(dir, student_config, &named, DType::F32)?;
-            heads.save(&dir.join(checkpoint::HEADS_FILE))?;
-            opt_g.save_state(dir.join(checkpoint::OPTIM_G_FILE))?;
-            opt_d.save_state(dir.join(checkpoint::OPTIM_D_FILE))?;
-            checkpoint::write_state(dir, state)
-        },
-    )
 }

@@ -12,7 +12,7 @@ use sana_sprint::store::{
     StoreConfig, StoreDType, StoreWriter,
 };
 use sana_sprint::train::loader::{
-    epoch_permutation, negative_batch, LoaderOptions, LoaderPosition, StoreLoader,
+    epoch_permutation, LoaderOptions, LoaderPosition, NegativePrompt, StoreLoader,
 };
 
 const D: usize = 6;
@@ -93,6 +93,11 @@ fn opts(batch_size: usize, seed: u64, drop_last: bool) -> LoaderOptions {
     }
 }
 
+/// A loader over the store at `path`.
+fn loader_at(path: &Path, opts: &LoaderOptions, position: LoaderPosition) -> StoreLoader {
+    StoreLoader::start(LatentStore::open(path).unwrap(), opts, position).unwrap()
+}
+
 fn index_of(id: &str) -> usize {
     id.split('#').nth(1).unwrap().parse().unwrap()
 }
@@ -101,8 +106,7 @@ fn index_of(id: &str) -> usize {
 fn batches_follow_the_store_contract() {
     let d = tempfile::tempdir().unwrap();
     let path = make_store(d.path(), 11);
-    let mut loader =
-        StoreLoader::start(&path, &opts(3, 7, true), LoaderPosition::default()).unwrap();
+    let mut loader = loader_at(&path, &opts(3, 7, true), LoaderPosition::default());
     assert_eq!(loader.batches_per_epoch(), 3);
     let b = loader.next_batch().unwrap();
     assert_eq!(b.len(), 3);
@@ -121,17 +125,63 @@ fn batches_follow_the_store_contract() {
         assert_eq!(&e[..len * D], &want.prompt_embeds[..]);
         assert!(e[len * D..].iter().all(|&v| v == 0.0));
     }
-    let (x0, emb, mask) = b.to_tensors(&candle_core::Device::Cpu).unwrap();
-    assert_eq!(x0.dims(), &[3, 2, 2, 2]);
-    assert_eq!(emb.dims(), &[3, L, D]);
-    assert_eq!(mask.dims(), &[3, L]);
-    let (neg, neg_mask) = negative_batch(loader.config(), 3).unwrap();
-    assert_eq!(neg.len(), 3 * L * D);
+    let cpu = candle_core::Device::Cpu;
+    let negative = NegativePrompt::repeated(loader.config(), 3, &cpu).unwrap();
+    let batch = b.to_batch(&negative, &cpu).unwrap();
+    assert_eq!(batch.x0.dims(), &[3, 2, 2, 2]);
+    assert_eq!(
+        batch.x0.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.x0
+    );
+    assert_eq!(batch.prompt_embeds.dims(), &[3, L, D]);
+    assert_eq!(batch.prompt_mask.dims(), &[3, L]);
+    assert_eq!(
+        batch
+            .prompt_mask
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        b.mask
+    );
+    let neg = negative
+        .embeds
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(negative.embeds.dims(), &[3, L, D]);
     assert_eq!(
         &neg[L * D..L * D + 2 * D],
         &(0..2 * D).map(|v| v as f32).collect::<Vec<_>>()[..]
     );
+    assert!(neg[L * D + 2 * D..2 * L * D].iter().all(|&v| v == 0.0));
+    let neg_mask = negative
+        .mask
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(&neg_mask[..L], &[1., 1., 0., 0., 0., 0., 0., 0., 0., 0.]);
+    assert_eq!(batch.neg_embeds.dims(), &[3, L, D]);
+}
+
+#[test]
+fn fewer_rows_than_one_batch_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let path = make_store(d.path(), 2);
+    let store = LatentStore::open(&path).unwrap();
+    let err = StoreLoader::start(store, &opts(3, 0, true), LoaderPosition::default())
+        .err()
+        .expect("a store of 2 rows has no batch of 3")
+        .to_string();
+    assert!(
+        err.contains("2 rows is less than one batch of 3 (--train_batch_size)"),
+        "{err}"
+    );
+    // without drop_last the short batch is a batch
+    let mut loader = loader_at(&path, &opts(3, 0, false), LoaderPosition::default());
+    assert_eq!(loader.next_batch().unwrap().len(), 2);
 }
 
 #[test]
@@ -140,7 +190,7 @@ fn epochs_cover_every_row_once_and_shuffle_reproducibly() {
     let path = make_store(d.path(), 10);
     let collect =
         |seed: u64, drop_last: bool, start: LoaderPosition, n: usize| -> Vec<Vec<String>> {
-            let mut l = StoreLoader::start(&path, &opts(3, seed, drop_last), start).unwrap();
+            let mut l = loader_at(&path, &opts(3, seed, drop_last), start);
             (0..n).map(|_| l.next_batch().unwrap().ids).collect()
         };
     // drop_last=false: 4 batches (3,3,3,1) cover all 10 rows exactly once.
@@ -199,8 +249,7 @@ fn large_rows_come_back_exactly_in_multi_row_batches() {
         w.push(big(i));
     }
     w.commit().unwrap();
-    let mut loader =
-        StoreLoader::start(&path, &opts(3, 5, true), LoaderPosition::default()).unwrap();
+    let mut loader = loader_at(&path, &opts(3, 5, true), LoaderPosition::default());
     for _ in 0..2 {
         let b = loader.next_batch().unwrap();
         for (k, id) in b.ids.iter().enumerate() {
@@ -231,7 +280,7 @@ fn batches_are_the_permutation_in_order_whatever_the_prefetch() {
             prefetch,
             ..opts(2, 9, true)
         };
-        let mut l = StoreLoader::start(&path, &o, LoaderPosition::default()).unwrap();
+        let mut l = loader_at(&path, &o, LoaderPosition::default());
         (0..15)
             .map(|_| {
                 let b = l.next_batch().unwrap();
@@ -280,8 +329,7 @@ fn float16_columns_come_back_exactly() {
         w.push(half_row(i));
     }
     w.commit().unwrap();
-    let mut loader =
-        StoreLoader::start(&path, &opts(5, 3, true), LoaderPosition::default()).unwrap();
+    let mut loader = loader_at(&path, &opts(5, 3, true), LoaderPosition::default());
     let b = loader.next_batch().unwrap();
     for (k, id) in b.ids.iter().enumerate() {
         let want = half_row(index_of(id));
@@ -323,7 +371,6 @@ fn unknown_format_version_is_refused() {
         err.contains("format_version") && err.contains("not supported"),
         "{err}"
     );
-    assert!(StoreLoader::start(&path, &opts(1, 0, true), LoaderPosition::default()).is_err());
 }
 
 #[test]

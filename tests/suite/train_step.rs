@@ -8,13 +8,13 @@ use crate::common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use sana_sprint::models::discriminator::DiscHeads;
-use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel};
+use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel, TextContext};
 use sana_sprint::models::student::Student;
 use sana_sprint::models::trigflow::SanaTrigFlow;
 use sana_sprint::models::weights::Weights;
+use sana_sprint::rng::SeededRng;
 use sana_sprint::train::loss::TimestepSampler;
 use sana_sprint::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use sana_sprint::train::step::{
@@ -133,42 +133,13 @@ impl Fixture {
     }
 }
 
-/// ‖a − b‖₂ / ‖b‖₂ (absolute when b is 0).
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims(), "shape");
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let diff = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt();
-    let norm = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .sqrt();
-    if norm == 0.0 {
-        diff
-    } else {
-        diff / norm
-    }
-}
-
 fn check(name: &str, ours: &Tensor, want: &Tensor, worst: &mut (f64, String)) {
     let ours = if ours.dims() != want.dims() && ours.elem_count() == want.elem_count() {
         ours.reshape(want.dims()).unwrap()
     } else {
         ours.clone()
     };
-    let e = rel(&ours, want);
+    let e = common::rel_l2(&ours, want);
     assert!(e <= TOL, "{name}: relative error {e:.3e} > {TOL:e}");
     if e > worst.0 {
         *worst = (e, name.to_string());
@@ -202,15 +173,8 @@ fn generator_step_matches_reference() {
     let teacher = fx.teacher();
     let student = fx.student();
     let heads = fx.heads();
-    let frozen = student.detached().unwrap();
-    let models = Models {
-        teacher: &teacher,
-        student: &student.model,
-        student_frozen: &frozen,
-        heads: &heads,
-        gradient_checkpointing: false,
-        teacher_negative: None,
-    };
+    let compute = student.compute_models(DType::F32).unwrap();
+    let models = Models::new(&teacher, &compute, &heads);
     let draws = GeneratorDraws {
         noise: fx.get("g.noise"),
         t_normal: fx.get("g.t_normal"),
@@ -229,9 +193,12 @@ fn generator_step_matches_reference() {
     for checkpointing in [true, false] {
         let models = Models {
             gradient_checkpointing: checkpointing,
-            ..models_ref(&models)
+            ..models
         };
-        let out = step::generator_loss(&models, &batch, &draws, &s, global_step).unwrap();
+        let named = student.named_vars();
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        let (mut student_grads, out) =
+            step::generator_grads(&models, &batch, &draws, &s, global_step, &vars, 1.0).unwrap();
         check("t", &out.t, &fx.get("g.out.t"), &mut worst);
         check("dxt_dt", &out.dxt_dt, &fx.get("g.out.dxt_dt"), &mut worst);
         check("dF", &out.df, &fx.get("g.out.dF"), &mut worst);
@@ -248,12 +215,8 @@ fn generator_step_matches_reference() {
         check_scalar("adv_loss", out.adv_loss, scalar(&fx.get("g.out.adv_loss")));
         check_scalar("loss", scalar(&out.loss), scalar(&fx.get("g.out.loss")));
 
-        let mut grads = out.loss.backward().unwrap();
-        out.pending.finish(&mut grads).unwrap();
-        let named = student.named_vars();
-        let mut student_grads = GradStore::default();
         for (name, var) in &named {
-            let g = grads
+            let g = student_grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("no gradient for {name}"));
             check(
@@ -262,10 +225,8 @@ fn generator_step_matches_reference() {
                 &fx.get(&format!("g.out.grad.{name}")),
                 &mut worst,
             );
-            student_grads.insert(var.as_tensor(), g.clone());
         }
         if !checkpointing {
-            let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
             let norm = clip_grad_norm(&mut student_grads, &vars, fx.f("gradient_clip")).unwrap();
             check_scalar("G grad norm", norm, scalar(&fx.get("g.out.grad_norm")));
             let mut opt = AdamW::new(named.clone(), fx.adam()).unwrap();
@@ -283,18 +244,6 @@ fn generator_step_matches_reference() {
     println!("worst relative error {:.3e} ({})", worst.0, worst.1);
 }
 
-/// A copy of the model references (Models holds only references).
-fn models_ref<'a>(m: &Models<'a>) -> Models<'a> {
-    Models {
-        teacher: m.teacher,
-        student: m.student,
-        student_frozen: m.student_frozen,
-        heads: m.heads,
-        gradient_checkpointing: m.gradient_checkpointing,
-        teacher_negative: m.teacher_negative,
-    }
-}
-
 #[test]
 fn discriminator_step_matches_reference() {
     let fx = Fixture::load();
@@ -302,15 +251,8 @@ fn discriminator_step_matches_reference() {
     let teacher = fx.teacher();
     let student = fx.student();
     let heads = fx.heads();
-    let frozen = student.detached().unwrap();
-    let models = Models {
-        teacher: &teacher,
-        student: &student.model,
-        student_frozen: &frozen,
-        heads: &heads,
-        gradient_checkpointing: false,
-        teacher_negative: None,
-    };
+    let compute = student.compute_models(DType::F32).unwrap();
+    let models = Models::new(&teacher, &compute, &heads);
     let draws = DiscriminatorDraws {
         noise: fx.get("d.noise"),
         t_normal: fx.get("d.t_normal"),
@@ -326,7 +268,8 @@ fn discriminator_step_matches_reference() {
         shift: Some((fx.get("d.t_shift_normal"), fx.get("d.noise_shift"))),
     };
     let mut worst = (0.0, String::new());
-    let out = step::discriminator_loss(&models, &fx.batch(), &draws, &s).unwrap();
+    let (mut head_grads, out) =
+        step::discriminator_grads(&models, &fx.batch(), &draws, &s, &heads.vars(), 1.0).unwrap();
     check(
         "logits_fake",
         &out.logits_fake,
@@ -340,26 +283,24 @@ fn discriminator_step_matches_reference() {
         &mut worst,
     );
     check_scalar("d_loss", out.d_loss, scalar(&fx.get("d.out.d_loss")));
-    let grads = out.loss.backward().unwrap();
     let named = heads.named_vars();
-    let mut head_grads = GradStore::default();
     let total = scalar(&fx.get("d.out.grad_norm"));
     let mut noise_only = Vec::new();
     for (name, var) in &named {
-        let g = grads
+        let g = head_grads
             .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .clone();
         let want = fx.get(&format!("d.out.grad.{name}"));
         if common::l2_norm(&want) < 1e-6 * total {
             // conv biases in front of a per-channel normalisation: a mathematically zero gradient, so both
             // sides hold rounding noise; compared against the total gradient norm instead
-            let e = common::l2_norm(&(g - &want).unwrap()) / total;
+            let e = common::l2_norm(&(&g - &want).unwrap()) / total;
             assert!(e <= TOL, "grad {name}: {e:.3e} of the total norm");
             noise_only.push(name.clone());
         } else {
-            check(&format!("grad {name}"), g, &want, &mut worst);
+            check(&format!("grad {name}"), &g, &want, &mut worst);
         }
-        head_grads.insert(var.as_tensor(), g.clone());
     }
     assert_eq!(noise_only.len(), 8, "{noise_only:?}");
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
@@ -381,4 +322,72 @@ fn discriminator_step_matches_reference() {
         }
     }
     println!("worst relative error {:.3e} ({})", worst.0, worst.1);
+}
+
+/// The trainer computes the teacher's negative text context once per run ([`step::negative_context`], passed as
+/// `Models::teacher_negative`); every generator and discriminator result must equal the per-step computation.
+#[test]
+fn cached_negative_context_equals_the_per_step_one() {
+    let fx = Fixture::load();
+    let s = fx.settings();
+    let (teacher, student, heads) = (fx.teacher(), fx.student(), fx.heads());
+    let compute = student.compute_models(DType::F32).unwrap();
+    let batch = fx.batch();
+    // the negative prompt is padded, so a context that ignored its mask would differ
+    assert!(
+        common::max_abs(&(batch.neg_mask.ones_like().unwrap() - &batch.neg_mask).unwrap()) > 0.0
+    );
+    let cached = step::negative_context(&teacher, &batch.neg_embeds, &batch.neg_mask).unwrap();
+    let per_step = Models::new(&teacher, &compute, &heads);
+    let with_cache = Models {
+        teacher_negative: Some(&cached),
+        ..per_step
+    };
+    let student_vars: Vec<Var> = student.named_vars().into_iter().map(|(_, v)| v).collect();
+    let same = |what: &str, got: &Tensor, want: &Tensor| {
+        let d = common::max_abs_diff(got, want);
+        assert!(d == 0.0, "{what}: cached negative context differs by {d:e}");
+    };
+
+    let mut rng = SeededRng::new(21);
+    let g = GeneratorDraws::sample(&mut rng, batch.x0.dims(), &s, &Device::Cpu).unwrap();
+    let run_g =
+        |m: &Models| step::generator_grads(m, &batch, &g, &s, 100, &student_vars, 1.0).unwrap();
+    let (grads_cached, out_cached) = run_g(&with_cache);
+    let (grads, out) = run_g(&per_step);
+    same("G loss", &out_cached.loss, &out.loss);
+    same("dxt_dt", &out_cached.dxt_dt, &out.dxt_dt);
+    same("G logits", &out_cached.logits, &out.logits);
+    for v in &student_vars {
+        same(
+            "student grad",
+            grads_cached.get(v.as_tensor()).unwrap(),
+            grads.get(v.as_tensor()).unwrap(),
+        );
+    }
+
+    // a D step runs a power iteration in the heads: each side gets its own copy of the heads
+    let d = DiscriminatorDraws::sample(&mut rng, batch.x0.dims(), &s, &Device::Cpu).unwrap();
+    let run_d = |heads: &DiscHeads, cache: Option<&TextContext>| {
+        let m = Models {
+            teacher_negative: cache,
+            ..Models::new(&teacher, &compute, heads)
+        };
+        let (grads, out) =
+            step::discriminator_grads(&m, &batch, &d, &s, &heads.vars(), 1.0).unwrap();
+        let grads: Vec<Tensor> = heads
+            .vars()
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        (grads, out)
+    };
+    let (grads_cached, out_cached) = run_d(&fx.heads(), Some(&cached));
+    let (grads, out) = run_d(&fx.heads(), None);
+    same("D loss", &out_cached.loss, &out.loss);
+    same("logits_fake", &out_cached.logits_fake, &out.logits_fake);
+    same("logits_real", &out_cached.logits_real, &out.logits_real);
+    for (a, b) in grads_cached.iter().zip(&grads) {
+        same("head grad", a, b);
+    }
 }

@@ -150,8 +150,7 @@ fn student_jvp(tiny: &Path, dtype: DType, device: &Device) -> Result<Outputs> {
         0,
         device,
     )?;
-    let (_, frozen) = student.compute_models(dtype)?;
-    let out = frozen.forward(
+    let out = student.compute_models(dtype)?.frozen.forward(
         &Dual::with_tangent(dev(&i.x, device)?, dev(&i.vx, device)?),
         &dev(&i.y, device)?,
         &Dual::with_tangent(dev(&i.t, device)?, dev(&i.vt, device)?),
@@ -262,19 +261,10 @@ fn generator_step(tiny: &Path, dtype: DType, device: &Device) -> Result<Outputs>
     let b = batch(device)?;
     // drawn on the host whatever the device, so both devices see the same values
     let draws = GeneratorDraws::sample(&mut SeededRng::new(3), b.x0.dims(), &s, device)?;
-    let (student, frozen) = m.student.compute_models(dtype)?;
-    let models = Models {
-        teacher: &m.teacher,
-        student: &student,
-        student_frozen: &frozen,
-        heads: &m.heads,
-        gradient_checkpointing: false,
-        teacher_negative: None,
-    };
-    let out = step::generator_loss(&models, &b, &draws, &s, 1000)?;
-    let mut grads = out.loss.backward()?;
-    out.pending.finish(&mut grads)?;
+    let compute = m.student.compute_models(dtype)?;
+    let models = Models::new(&m.teacher, &compute, &m.heads);
     let vars: Vec<_> = m.student.named_vars().into_iter().map(|(_, v)| v).collect();
+    let (grads, out) = step::generator_grads(&models, &b, &draws, &s, 1000, &vars, 1.0)?;
     let scalars = Tensor::new(&[out.scm_loss as f32, out.adv_loss as f32], &Device::Cpu)?;
     let mut outputs: Outputs = vec![
         ("losses", scalars),
@@ -299,17 +289,9 @@ fn discriminator_step(tiny: &Path, dtype: DType, device: &Device) -> Result<Outp
     let s = step_settings();
     let b = batch(device)?;
     let draws = DiscriminatorDraws::sample(&mut SeededRng::new(4), b.x0.dims(), &s, device)?;
-    let (student, frozen) = m.student.compute_models(dtype)?;
-    let models = Models {
-        teacher: &m.teacher,
-        student: &student,
-        student_frozen: &frozen,
-        heads: &m.heads,
-        gradient_checkpointing: false,
-        teacher_negative: None,
-    };
-    let out = step::discriminator_loss(&models, &b, &draws, &s)?;
-    let grads = out.loss.backward()?;
+    let compute = m.student.compute_models(dtype)?;
+    let models = Models::new(&m.teacher, &compute, &m.heads);
+    let (grads, out) = step::discriminator_grads(&models, &b, &draws, &s, &m.heads.vars(), 1.0)?;
     // the biases of the convolutions in front of a per-channel normalisation have a mathematically zero
     // gradient: both sides hold rounding noise there, so they are left out
     let vars: Vec<_> = m
