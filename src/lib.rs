@@ -1,6 +1,7 @@
 //! sana-sprint: distil SANA text-to-image models into one-step SANA-Sprint models.
 //!
 //! Module map:
+pub mod cli; // sprint-prep and sprint-train flags: defaults filled from the library options
 pub mod device; // --device and --mixed_precision: parsing, defaults, compute dtypes
 pub mod error; // typed errors that say what to do
 pub mod hub; // resolve models and dataset files: local folder | HF cache | download

@@ -1,142 +1,13 @@
 //! sprint-prep: parquet shards of image/caption pairs -> a Lance latent store (DC-AE latents + Gemma-2 prompt
 //! embeddings, exactly as diffusers' training script computes them).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
-use clap::Parser;
-use sana_sprint::device::{self, MixedPrecision};
+use sana_sprint::cli::prep::PrepArgs;
 use sana_sprint::hub::HubConfig;
-use sana_sprint::prep::{self, PrepOptions};
-use sana_sprint::store::{self, FloatEncoding, StoreDType};
-
-#[derive(Parser, Debug)]
-#[command(name = "sprint-prep", version, rename_all = "snake_case", about, long_about = None)]
-struct Args {
-    /// Diffusers pipeline folder (vae/, text_encoder/, tokenizer/) or a hub id (HF cache first; downloaded only
-    /// when HF_HUB_OFFLINE is not set).
-    #[arg(long, required_unless_present_any = ["demo", "inspect"])]
-    pretrained_model_name_or_path: Option<String>,
-    /// Hub dataset that relative --file_path entries belong to (e.g. brivangl/midjourney-v6-llava).
-    #[arg(long)]
-    dataset_name: Option<String>,
-    /// Parquet shards; glob patterns allowed (data/train_00*.parquet). Local paths first, then --dataset_name.
-    #[arg(long, num_args = 1.., required_unless_present_any = ["demo", "inspect"])]
-    file_path: Vec<String>,
-    /// Output Lance dataset (conventionally *.lance). Rerunning resumes; new shards append only new rows.
-    #[arg(long, required_unless_present_any = ["demo", "inspect"])]
-    output: Option<PathBuf>,
-    /// Square training resolution (shorter side resized to it, then centre-cropped).
-    #[arg(long, default_value_t = 512)]
-    resolution: u32,
-    /// Images encoded per device batch.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value = "image")]
-    image_column: String,
-    #[arg(long, default_value = "llava")]
-    caption_column: String,
-    /// `bf16` runs Gemma-2 in bf16 like the reference script; `no` runs it in f32. The VAE always runs in f32.
-    #[arg(long, value_enum, default_value_t = MixedPrecision::Bf16)]
-    mixed_precision: MixedPrecision,
-    /// cpu, cuda or cuda:N (cuda by default in CUDA builds).
-    #[arg(long, default_value = device::default_device())]
-    device: String,
-    #[arg(long, default_value_t = 300)]
-    max_sequence_length: usize,
-    /// Encode captions without the complex human instruction (the reference always uses it).
-    #[arg(long)]
-    no_complex_human_instruction: bool,
-    #[arg(long, value_enum, default_value_t = StoreDType::Float32)]
-    latent_dtype: StoreDType,
-    #[arg(long, value_enum, default_value_t = StoreDType::Float16)]
-    embed_dtype: StoreDType,
-    /// Replace an existing store written with other settings (a new Lance version; old versions stay readable).
-    #[arg(long)]
-    overwrite: bool,
-    /// Where to write the JSON run report (default: <output stem>.report.json next to the store).
-    #[arg(long)]
-    report: Option<PathBuf>,
-    /// Image-decoding threads (default: all cores).
-    #[arg(long)]
-    num_workers: Option<usize>,
-    /// Rows per Lance commit: a killed run loses at most this many encoded rows (they are redone on rerun).
-    #[arg(long, default_value_t = 1024)]
-    commit_every: usize,
-    /// zstd level of the float columns (0: no compression).
-    #[arg(long, default_value_t = 3)]
-    zstd_level: i32,
-    /// Store floats without byte-stream split.
-    #[arg(long)]
-    no_byte_stream_split: bool,
-    /// No progress bar (for logs).
-    #[arg(long)]
-    no_progress: bool,
-    /// Run on the embedded tiny model and demo shards (datasets/), writing demo-output/demo.lance.
-    #[arg(long)]
-    demo: bool,
-    /// Print a store's rows, settings, model fingerprints, bytes per sample and bad rows, then exit.
-    #[arg(long, value_name = "STORE")]
-    inspect: Option<PathBuf>,
-}
-
-/// The `datasets/` folder: next to the working directory, else the one this binary was built from.
-fn datasets_dir() -> PathBuf {
-    let local = PathBuf::from("datasets");
-    if local.join("tiny-sana-sprint").is_dir() {
-        local
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets")
-    }
-}
-
-fn options(a: Args) -> PrepOptions {
-    let mut o = PrepOptions {
-        resolution: a.resolution,
-        batch_size: a.batch_size,
-        image_column: a.image_column,
-        caption_column: a.caption_column,
-        mixed_precision: a.mixed_precision,
-        device: a.device,
-        max_sequence_length: a.max_sequence_length,
-        complex_human_instruction: !a.no_complex_human_instruction,
-        latent_dtype: a.latent_dtype,
-        embed_dtype: a.embed_dtype,
-        overwrite: a.overwrite,
-        report: a.report,
-        commit_every: a.commit_every,
-        encoding: FloatEncoding {
-            zstd_level: (a.zstd_level > 0).then_some(a.zstd_level),
-            byte_stream_split: !a.no_byte_stream_split,
-        },
-        progress: !a.no_progress,
-        dataset_name: a.dataset_name,
-        file_path: a.file_path,
-        ..PrepOptions::default()
-    };
-    if let Some(n) = a.num_workers {
-        o.num_workers = n;
-    }
-    if a.demo {
-        let d = datasets_dir();
-        o.pretrained_model_name_or_path = a
-            .pretrained_model_name_or_path
-            .unwrap_or_else(|| d.join("tiny-sana-sprint").display().to_string());
-        if o.file_path.is_empty() {
-            o.file_path = vec![d.join("demo/train_*.parquet").display().to_string()];
-        }
-        o.output = a
-            .output
-            .unwrap_or_else(|| PathBuf::from("demo-output/demo.lance"));
-        if a.resolution == 512 {
-            o.resolution = 128;
-        }
-    } else {
-        o.pretrained_model_name_or_path = a.pretrained_model_name_or_path.unwrap_or_default();
-        o.output = a.output.unwrap_or_default();
-    }
-    o
-}
+use sana_sprint::prep;
+use sana_sprint::store;
 
 fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
     let st = store::LatentStore::open(path)?;
@@ -234,11 +105,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let args = PrepArgs::parse_args();
     let result = if let Some(store) = args.inspect.clone() {
         inspect(&store, args.report.as_deref())
     } else {
-        let opts = options(args);
+        let opts = args.options();
         if let Some(parent) = opts.output.parent().filter(|p| !p.as_os_str().is_empty()) {
             if let Err(e) = std::fs::create_dir_all(parent) {
                 eprintln!("error: cannot create {}: {e}", parent.display());

@@ -142,8 +142,19 @@ impl SanaConfig {
     }
 }
 
-/// Which attention the blocks' self-attention (`attn1`) runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which attention the blocks' self-attention (`attn1`) runs (`--self_attention linear | softmax`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum SelfAttention {
     /// ReLU linear attention (`SanaLinearAttnProcessor2_0`): the checkpoint's own processor.
     #[default]

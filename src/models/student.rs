@@ -26,7 +26,19 @@ pub const GUIDANCE_INIT_STD: f64 = 0.02;
 /// How the student's guidance embedder `time_embed.guidance_embedder` (absent from the teacher) starts
 /// (SPEC §8.14 #2). Both choices make the guidance embedding exactly 0 at initialisation, so the student
 /// starts as the teacher; they differ in what can be learned.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// `--guidance_init` (`learnable` | `zero`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum GuidanceInit {
     /// `linear_1.weight` ~ N(0, 0.02²), `linear_1.bias` = 0, `linear_2` = 0 (NVlabs original, recommended):
     /// the embedding can learn to depend on the guidance scale.

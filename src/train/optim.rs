@@ -242,8 +242,13 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     Ok(total)
 }
 
-/// The learning-rate schedules of `diffusers.optimization.get_scheduler` (piecewise_constant not supported).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The learning-rate schedules of `diffusers.optimization.get_scheduler` (piecewise_constant not supported),
+/// under diffusers' names (`--lr_scheduler`, `train_config.json`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum LrScheduleKind {
     Constant,
     ConstantWithWarmup,

@@ -11,6 +11,9 @@ use crate::train::optim::{AdamWConfig, LrScheduleKind};
 use crate::train::step::{self, StepSettings};
 use crate::{Error, Result};
 
+/// `--output_dir` when none is given.
+pub const DEFAULT_OUTPUT_DIR: &str = "sana-sprint-output";
+
 /// Everything a run needs (the `sprint-train` flags, resolved).
 #[derive(Debug, Clone)]
 pub struct TrainOptions {

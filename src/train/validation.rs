@@ -421,19 +421,17 @@ impl Validator {
         })
     }
 
-    /// Encodes `prompts` with the pipeline's text encoder (f32 on the CPU, bf16 elsewhere) and loads its
-    /// DC-AE decoder (f32).
+    /// Encodes `prompts` with the pipeline's text encoder in the run's compute dtype
+    /// (`settings.mixed_precision`: f32 for `no`, bf16 for `bf16`, as sprint-prep encodes the store's prompts)
+    /// and loads its DC-AE decoder (f32, as the VAE always runs). Sampling runs in the dtype of the student
+    /// passed to [`Validator::images`].
     pub fn load(
         pipeline_dir: &Path,
         prompts: &[String],
         settings: ValidationSettings,
         device: &Device,
     ) -> Result<Self> {
-        let text_dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        };
+        let text_dtype = settings.mixed_precision.dtype();
         let (embeds, mask) = encode_prompts(pipeline_dir, prompts, text_dtype, device)?;
         let decoder = ImageDecoder::load(&pipeline_dir.join("vae"), DType::F32, device)?;
         Self::new(embeds, mask, decoder, settings)

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use sana_sprint::models::discriminator::{self, DiscHeads, Mode};
+use sana_sprint::models::discriminator::{self, DiscHeads, Mode, DEFAULT_HEAD_BLOCK_IDS};
 use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel};
 use sana_sprint::models::trigflow::SanaTrigFlow;
 use sana_sprint::train::loss::{
@@ -311,7 +311,7 @@ fn gradient_reaches_every_head_parameter_and_the_features() {
 fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
     let dev = Device::Cpu;
     let c = 16;
-    let heads = DiscHeads::new(&[2, 8, 14, 19], c, 11, &dev).unwrap();
+    let heads = DiscHeads::new(&DEFAULT_HEAD_BLOCK_IDS, c, 11, &dev).unwrap();
     let state = named(&heads);
     assert_eq!(state.len(), 4 * 16);
     for (name, fan_in) in [("0.main.0.0", c), ("0.main.1.fn.0", 9 * c), ("3.cls", c)] {
@@ -382,8 +382,8 @@ fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
     );
     assert_eq!(max_abs(&state["2.main.1.fn.1.bias"]), 0.0);
     // seeded: same seed, same heads; another seed, other heads
-    let again = named(&DiscHeads::new(&[2, 8, 14, 19], c, 11, &dev).unwrap());
-    let other = named(&DiscHeads::new(&[2, 8, 14, 19], c, 12, &dev).unwrap());
+    let again = named(&DiscHeads::new(&DEFAULT_HEAD_BLOCK_IDS, c, 11, &dev).unwrap());
+    let other = named(&DiscHeads::new(&DEFAULT_HEAD_BLOCK_IDS, c, 12, &dev).unwrap());
     let w = "1.main.1.fn.0.weight_orig";
     assert_eq!(max_abs_diff(&state[w], &again[w]), 0.0);
     assert!(max_abs_diff(&state[w], &other[w]) > 0.0);
@@ -392,7 +392,7 @@ fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
     let path = dir.path().join("disc_heads.safetensors");
     heads.power_iterations(2).unwrap();
     heads.save(&path).unwrap();
-    let loaded = DiscHeads::load_file(&path, &[2, 8, 14, 19], &dev).unwrap();
+    let loaded = DiscHeads::load_file(&path, &DEFAULT_HEAD_BLOCK_IDS, &dev).unwrap();
     let (saved, restored) = (named(&heads), named(&loaded));
     for (key, value) in &saved {
         assert_eq!(max_abs_diff(&restored[key], value), 0.0, "{key}");

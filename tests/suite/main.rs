@@ -1,6 +1,7 @@
 //! All integration tests in one binary: lance, datafusion and candle are linked once instead of once per file.
 //! Run one group with `cargo test --test suite MODULE::` (e.g. `cargo test --test suite train_loop::`).
 
+mod cli;
 mod common;
 mod golden_dcae;
 mod golden_disc_loss;

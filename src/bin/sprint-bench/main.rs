@@ -31,6 +31,7 @@ use clap::{Args, Parser, Subcommand};
 use sana_sprint::device::{self, MixedPrecision};
 use sana_sprint::hub::HubConfig;
 use sana_sprint::models::dcae::{DcaeConfig, DcaeEncoder};
+use sana_sprint::models::discriminator::DEFAULT_HEAD_BLOCK_IDS;
 use sana_sprint::models::gemma2::{Gemma2Config, Gemma2Encoder};
 use sana_sprint::models::sana::SanaConfig;
 use sana_sprint::prep::{self, PrepOptions};
@@ -705,7 +706,7 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
     o.learning_rate = 1e-6;
     o.step.train_largest_timestep = true;
     o.step.misaligned_pairs_d = true;
-    o.head_block_ids = [2usize, 8, 14, 19]
+    o.head_block_ids = DEFAULT_HEAD_BLOCK_IDS
         .iter()
         .map(|&b| b.min(cfg.num_layers - 1))
         .collect::<std::collections::BTreeSet<_>>()

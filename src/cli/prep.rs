@@ -1,0 +1,190 @@
+//! `sprint-prep`'s flags; every default is [`PrepOptions::default`]'s.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser};
+
+use super::{datasets_dir, value_name, DEVICE_DEFAULT};
+use crate::device::MixedPrecision;
+use crate::prep::PrepOptions;
+use crate::store::StoreDType;
+
+/// The flags as given; tunables are `None` when not passed and [`PrepArgs::options`] fills them from
+/// [`PrepOptions::default`].
+#[derive(Parser, Debug, Clone)]
+#[command(name = "sprint-prep", version, rename_all = "snake_case", about, long_about = None)]
+pub struct PrepArgs {
+    /// Diffusers pipeline folder (vae/, text_encoder/, tokenizer/) or a hub id (HF cache first; downloaded only
+    /// when HF_HUB_OFFLINE is not set).
+    #[arg(long, required_unless_present_any = ["demo", "inspect"])]
+    pub pretrained_model_name_or_path: Option<String>,
+    /// Hub dataset that relative --file_path entries belong to (e.g. brivangl/midjourney-v6-llava).
+    #[arg(long)]
+    pub dataset_name: Option<String>,
+    /// Parquet shards; glob patterns allowed (data/train_00*.parquet). Local paths first, then --dataset_name.
+    #[arg(long, num_args = 1.., required_unless_present_any = ["demo", "inspect"])]
+    pub file_path: Vec<String>,
+    /// Output Lance dataset (conventionally *.lance). Rerunning resumes; new shards append only new rows.
+    #[arg(long, required_unless_present_any = ["demo", "inspect"])]
+    pub output: Option<PathBuf>,
+    /// Square training resolution (shorter side resized to it, then centre-cropped).
+    #[arg(long)]
+    pub resolution: Option<u32>,
+    /// Images encoded per device batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub image_column: Option<String>,
+    #[arg(long)]
+    pub caption_column: Option<String>,
+    /// `bf16` runs Gemma-2 in bf16 like the reference script; `no` runs it in f32. The VAE always runs in f32.
+    #[arg(long, value_enum)]
+    pub mixed_precision: Option<MixedPrecision>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    /// Encode captions without the complex human instruction (the reference always uses it).
+    #[arg(long)]
+    pub no_complex_human_instruction: bool,
+    #[arg(long, value_enum)]
+    pub latent_dtype: Option<StoreDType>,
+    #[arg(long, value_enum)]
+    pub embed_dtype: Option<StoreDType>,
+    /// Replace an existing store written with other settings (a new Lance version; old versions stay readable).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Where to write the JSON run report.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Image-decoding threads.
+    #[arg(long)]
+    pub num_workers: Option<usize>,
+    /// Rows per Lance commit: a killed run loses at most this many encoded rows (they are redone on rerun).
+    #[arg(long)]
+    pub commit_every: Option<usize>,
+    /// zstd level of the float columns (0: no compression).
+    #[arg(long)]
+    pub zstd_level: Option<i32>,
+    /// Store floats without byte-stream split.
+    #[arg(long)]
+    pub no_byte_stream_split: bool,
+    /// No progress bar (for logs).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Run on the embedded tiny model and demo shards (datasets/) at 128 px, writing demo-output/demo.lance.
+    /// Flags passed explicitly keep their values.
+    #[arg(long)]
+    pub demo: bool,
+    /// Print a store's rows, settings, model fingerprints, bytes per sample and bad rows, then exit.
+    #[arg(long, value_name = "STORE")]
+    pub inspect: Option<PathBuf>,
+}
+
+/// The flags required unless `--demo` or `--inspect`.
+const REQUIRED: [&str; 3] = ["pretrained_model_name_or_path", "file_path", "output"];
+
+/// The library default of every tunable, as `--help` and the README show it (arg id, value).
+fn tunables() -> Vec<(&'static str, String)> {
+    let o = PrepOptions::default();
+    vec![
+        ("resolution", o.resolution.to_string()),
+        ("batch_size", o.batch_size.to_string()),
+        ("image_column", o.image_column.clone()),
+        ("caption_column", o.caption_column.clone()),
+        ("mixed_precision", value_name(&o.mixed_precision)),
+        ("device", DEVICE_DEFAULT.to_string()),
+        ("max_sequence_length", o.max_sequence_length.to_string()),
+        ("latent_dtype", value_name(&o.latent_dtype)),
+        ("embed_dtype", value_name(&o.embed_dtype)),
+        ("report", "next to the store".to_string()),
+        ("num_workers", "all cores".to_string()),
+        ("commit_every", o.commit_every.to_string()),
+        ("zstd_level", o.encoding.zstd_level.unwrap_or(0).to_string()),
+    ]
+}
+
+/// The clap command, with each tunable's library default in its help.
+pub fn command() -> clap::Command {
+    super::with_defaults(PrepArgs::command(), &tunables())
+}
+
+/// Every long flag with the default `--help` shows (library values; `off`, `required`, `–` otherwise).
+pub fn shown_defaults() -> Vec<(String, String)> {
+    super::defaults_of(&command(), &tunables(), &REQUIRED)
+}
+
+/// Replaces `dst` with the user's value, if any.
+fn set<T>(dst: &mut T, given: Option<T>) {
+    if let Some(v) = given {
+        *dst = v;
+    }
+}
+
+impl PrepArgs {
+    /// Parses the process's arguments; prints the error or help and exits on bad input.
+    pub fn parse_args() -> Self {
+        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (program name first).
+    pub fn try_parse_args<I, S>(args: I) -> std::result::Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString> + Clone,
+    {
+        super::parse_with(command(), args)
+    }
+
+    /// `--demo`: the settings of the demo run, for every flag the user did not pass.
+    fn apply_demo(&mut self) {
+        if !self.demo {
+            return;
+        }
+        let d = datasets_dir();
+        self.pretrained_model_name_or_path
+            .get_or_insert_with(|| d.join("tiny-sana-sprint").display().to_string());
+        if self.file_path.is_empty() {
+            self.file_path = vec![d.join("demo/train_*.parquet").display().to_string()];
+        }
+        self.output
+            .get_or_insert_with(|| PathBuf::from("demo-output/demo.lance"));
+        self.resolution.get_or_insert(128);
+    }
+
+    /// The run's options: `--demo` settings, then [`PrepOptions::default`] for every flag not passed.
+    pub fn options(mut self) -> PrepOptions {
+        self.apply_demo();
+        let a = self;
+        let mut o = PrepOptions::default();
+        set(
+            &mut o.pretrained_model_name_or_path,
+            a.pretrained_model_name_or_path,
+        );
+        o.dataset_name = a.dataset_name;
+        o.file_path = a.file_path;
+        set(&mut o.output, a.output);
+        set(&mut o.resolution, a.resolution);
+        set(&mut o.batch_size, a.batch_size);
+        set(&mut o.image_column, a.image_column);
+        set(&mut o.caption_column, a.caption_column);
+        set(&mut o.mixed_precision, a.mixed_precision);
+        set(&mut o.device, a.device);
+        set(&mut o.max_sequence_length, a.max_sequence_length);
+        o.complex_human_instruction &= !a.no_complex_human_instruction;
+        set(&mut o.latent_dtype, a.latent_dtype);
+        set(&mut o.embed_dtype, a.embed_dtype);
+        o.overwrite |= a.overwrite;
+        o.report = a.report;
+        set(&mut o.num_workers, a.num_workers);
+        set(&mut o.commit_every, a.commit_every);
+        if let Some(level) = a.zstd_level {
+            o.encoding.zstd_level = (level > 0).then_some(level);
+        }
+        o.encoding.byte_stream_split &= !a.no_byte_stream_split;
+        o.progress &= !a.no_progress;
+        o
+    }
+}

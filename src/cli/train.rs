@@ -1,0 +1,354 @@
+//! `sprint-train`'s flags. Names and meanings follow train_sana_sprint_diffusers.py; every default is the
+//! library's ([`TrainOptions::new`], [`StepSettings::default`], [`AdamWConfig::default`]).
+//!
+//! [`StepSettings::default`]: crate::train::step::StepSettings
+//! [`AdamWConfig::default`]: crate::train::optim::AdamWConfig
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser};
+use serde::Serialize;
+
+use super::{datasets_dir, fill, num, nums, value_name, DEVICE_DEFAULT};
+use crate::device::{self, MixedPrecision};
+use crate::hub::{self, HubConfig};
+use crate::models::sana::SelfAttention;
+use crate::models::student::GuidanceInit;
+use crate::train::optim::LrScheduleKind;
+use crate::train::options::{TrainOptions, DEFAULT_OUTPUT_DIR};
+use crate::Result;
+
+/// The flags as given. Tunables are `None` when not passed; [`TrainArgs::options`] fills them from the
+/// library defaults (and writes the filled values back, so `train_config.json` records every value in effect).
+#[derive(Parser, Debug, Clone, Serialize)]
+#[command(name = "sprint-train", version, rename_all = "snake_case", about, long_about = None)]
+pub struct TrainArgs {
+    /// Teacher pipeline folder (transformer/; vae/, text_encoder/, tokenizer/ for validation and the store
+    /// check) or a hub id (HF cache first; downloaded only when HF_HUB_OFFLINE is not set).
+    #[arg(long, required_unless_present = "demo")]
+    pub pretrained_model_name_or_path: Option<String>,
+    /// The latent store written by sprint-prep (replaces --dataset_name/--file_path: nothing is encoded per step).
+    #[arg(long, required_unless_present = "demo")]
+    pub latents: Option<PathBuf>,
+    /// Checkpoints, the exported student, validation images and metrics.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub train_batch_size: Option<usize>,
+    #[arg(long)]
+    pub num_train_epochs: Option<u64>,
+    /// Global steps (G and D steps together); overrides --num_train_epochs.
+    #[arg(long)]
+    pub max_train_steps: Option<u64>,
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Recompute student blocks in backward instead of keeping their activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// lr *= gradient_accumulation_steps * train_batch_size.
+    #[arg(long)]
+    pub scale_lr: bool,
+    /// Learning-rate schedule of the G optimiser (diffusers' get_scheduler names).
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<LrScheduleKind>,
+    #[arg(long)]
+    pub lr_warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub lr_num_cycles: Option<u64>,
+    #[arg(long)]
+    pub lr_power: Option<f64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_weight_decay: Option<f64>,
+    #[arg(long)]
+    pub adam_epsilon: Option<f64>,
+    /// Max global gradient norm (both phases).
+    #[arg(long)]
+    pub gradient_clip: Option<f64>,
+    /// bf16: models compute in bf16 over f32 master weights and f32 optimiser state; no: all f32.
+    #[arg(long, value_enum)]
+    pub mixed_precision: Option<MixedPrecision>,
+    /// Seed of initialisation, shuffling and every per-step draw.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub logit_mean: Option<f64>,
+    #[arg(long)]
+    pub logit_std: Option<f64>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub logit_mean_discriminator: Option<f64>,
+    #[arg(long)]
+    pub logit_std_discriminator: Option<f64>,
+    /// Teacher blocks read by the discriminator heads.
+    #[arg(long, num_args = 1..)]
+    pub head_block_ids: Option<Vec<usize>>,
+    #[arg(long)]
+    pub adv_lambda: Option<f64>,
+    #[arg(long)]
+    pub scm_lambda: Option<f64>,
+    #[arg(long)]
+    pub sigma_data: Option<f64>,
+    #[arg(long)]
+    pub tangent_warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub guidance_embeds_scale: Option<f64>,
+    /// Teacher CFG scales, one drawn uniformly per sample.
+    #[arg(long, num_args = 1..)]
+    pub scm_cfg_scale: Option<Vec<f64>>,
+    #[arg(long)]
+    pub train_largest_timestep: bool,
+    #[arg(long)]
+    pub largest_timestep: Option<f64>,
+    #[arg(long)]
+    pub largest_timestep_prob: Option<f64>,
+    /// Add misaligned (image, prompt) pairs as fakes in the D phase (needs batch > 1).
+    #[arg(long = "misaligned_pairs_D")]
+    pub misaligned_pairs_d: bool,
+    /// Save a checkpoint every this many global steps.
+    #[arg(long)]
+    pub checkpointing_steps: Option<u64>,
+    /// Keep only the newest N checkpoints (default: keep all).
+    #[arg(long)]
+    pub checkpoints_total_limit: Option<usize>,
+    /// `latest` or a checkpoint folder; `latest` with no checkpoint starts fresh.
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+    /// Prompts for validation images (each gets --num_validation_images samples).
+    #[arg(long, num_args = 1..)]
+    pub validation_prompt: Vec<String>,
+    #[arg(long)]
+    pub num_validation_images: Option<usize>,
+    /// Validate every this many global steps (always at the end when prompts are given).
+    #[arg(long)]
+    pub validation_steps: Option<u64>,
+    /// TrigFlow times of the SCM sampler (1–4 steps; two values = the pipeline's 2 steps).
+    #[arg(long, num_args = 1..)]
+    pub validation_timesteps: Option<Vec<f64>>,
+    /// Save the final student in f32 (default: the training compute dtype).
+    #[arg(long)]
+    pub upcast_before_saving: bool,
+    /// Train on a store whose VAE/text-encoder fingerprints differ from the teacher folder's.
+    #[arg(long)]
+    pub allow_store_mismatch: bool,
+    /// learnable: linear_1.weight ~ N(0, 0.02), the rest zero (the guidance embedding can learn); zero: all
+    /// zero, as the diffusers script (only linear_2.bias ever learns).
+    #[arg(long, value_enum)]
+    pub guidance_init: Option<GuidanceInit>,
+    /// linear: ReLU linear attention, as the teacher and inference (recommended); softmax: the diffusers
+    /// script's processor swap (for parity studies).
+    #[arg(long, value_enum)]
+    pub self_attention: Option<SelfAttention>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Batches prepared ahead by the store loader.
+    #[arg(long)]
+    pub dataloader_num_workers: Option<usize>,
+    /// No progress bar (for logs).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Train the embedded tiny teacher on the demo store (run `sprint-prep --demo` first): a few CPU steps
+    /// writing checkpoints, validation images and metrics to demo-output/train (a rerun resumes it). Flags
+    /// passed explicitly keep their values.
+    #[arg(long)]
+    pub demo: bool,
+}
+
+/// The flags required unless `--demo`.
+const REQUIRED: [&str; 2] = ["pretrained_model_name_or_path", "latents"];
+
+/// The library default of every tunable, as `--help` and the README show it (arg id, value).
+fn tunables() -> Vec<(&'static str, String)> {
+    let o = TrainOptions::new(
+        PathBuf::new(),
+        PathBuf::new(),
+        PathBuf::from(DEFAULT_OUTPUT_DIR),
+    );
+    let s = &o.step;
+    vec![
+        ("output_dir", DEFAULT_OUTPUT_DIR.to_string()),
+        ("train_batch_size", o.train_batch_size.to_string()),
+        ("num_train_epochs", o.num_train_epochs.to_string()),
+        (
+            "gradient_accumulation_steps",
+            o.gradient_accumulation_steps.to_string(),
+        ),
+        ("learning_rate", num(o.learning_rate)),
+        ("lr_scheduler", value_name(&o.lr_scheduler)),
+        ("lr_warmup_steps", o.lr_warmup_steps.to_string()),
+        ("lr_num_cycles", o.lr_num_cycles.to_string()),
+        ("lr_power", num(o.lr_power)),
+        ("adam_beta1", num(o.adam.beta1)),
+        ("adam_beta2", num(o.adam.beta2)),
+        ("adam_weight_decay", num(o.adam.weight_decay)),
+        ("adam_epsilon", num(o.adam.eps)),
+        ("gradient_clip", num(o.gradient_clip)),
+        ("mixed_precision", value_name(&o.mixed_precision)),
+        ("seed", o.seed.to_string()),
+        ("logit_mean", num(s.student_sampler.mean)),
+        ("logit_std", num(s.student_sampler.std)),
+        ("logit_mean_discriminator", num(s.disc_sampler.mean)),
+        ("logit_std_discriminator", num(s.disc_sampler.std)),
+        (
+            "head_block_ids",
+            nums(
+                &o.head_block_ids
+                    .iter()
+                    .map(|&b| b as u32)
+                    .collect::<Vec<_>>(),
+            ),
+        ),
+        ("adv_lambda", num(s.adv_lambda)),
+        ("scm_lambda", num(s.scm_lambda)),
+        ("sigma_data", num(s.sigma_data)),
+        ("tangent_warmup_steps", s.tangent_warmup_steps.to_string()),
+        ("guidance_embeds_scale", num(s.guidance_embeds_scale)),
+        ("scm_cfg_scale", nums(&s.scm_cfg_scale)),
+        ("largest_timestep", num(s.largest_timestep)),
+        ("largest_timestep_prob", num(s.largest_timestep_prob)),
+        ("checkpointing_steps", o.checkpointing_steps.to_string()),
+        ("num_validation_images", o.num_validation_images.to_string()),
+        ("validation_timesteps", nums(&o.validation_timesteps)),
+        ("guidance_init", value_name(&o.guidance_init)),
+        ("self_attention", value_name(&o.self_attention)),
+        ("device", DEVICE_DEFAULT.to_string()),
+        ("dataloader_num_workers", o.prefetch.to_string()),
+    ]
+}
+
+/// The clap command, with each tunable's library default in its help.
+pub fn command() -> clap::Command {
+    super::with_defaults(TrainArgs::command(), &tunables())
+}
+
+/// Every long flag with the default `--help` shows (library values; `off`, `required`, `–` otherwise).
+pub fn shown_defaults() -> Vec<(String, String)> {
+    super::defaults_of(&command(), &tunables(), &REQUIRED)
+}
+
+impl TrainArgs {
+    /// Parses the process's arguments; prints the error or help and exits on bad input.
+    pub fn parse_args() -> Self {
+        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (program name first).
+    pub fn try_parse_args<I, S>(args: I) -> std::result::Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString> + Clone,
+    {
+        super::parse_with(command(), args)
+    }
+
+    /// `--demo`: the settings of the demo run, for every flag the user did not pass.
+    fn apply_demo(&mut self) {
+        if !self.demo {
+            return;
+        }
+        let d = datasets_dir();
+        self.pretrained_model_name_or_path
+            .get_or_insert_with(|| d.join("tiny-sana-sprint").display().to_string());
+        self.latents
+            .get_or_insert_with(|| PathBuf::from("demo-output/demo.lance"));
+        self.output_dir
+            .get_or_insert_with(|| PathBuf::from("demo-output/train"));
+        self.max_train_steps.get_or_insert(6);
+        self.resume_from_checkpoint
+            .get_or_insert_with(|| "latest".into());
+        self.checkpointing_steps.get_or_insert(2);
+        if self.validation_prompt.is_empty() {
+            self.validation_prompt =
+                vec!["a tiny astronaut hatching from an egg on the moon".into()];
+            self.num_validation_images.get_or_insert(2);
+        }
+        self.train_batch_size.get_or_insert(2);
+        self.learning_rate.get_or_insert(1e-3);
+        self.train_largest_timestep = true;
+        self.misaligned_pairs_d = true;
+    }
+
+    /// The run's options without touching the hub: `--pretrained_model_name_or_path` is taken as a path.
+    /// `--demo` settings and then the library defaults fill every tunable not passed; the filled flags are
+    /// recorded in `config_json` (`train_config.json`).
+    pub fn resolve(mut self) -> Result<TrainOptions> {
+        self.apply_demo();
+        let a = &mut self;
+        let teacher = a
+            .pretrained_model_name_or_path
+            .clone()
+            .expect("required unless --demo");
+        let latents = a.latents.clone().expect("required unless --demo");
+        let output_dir = fill(&mut a.output_dir, &PathBuf::from(DEFAULT_OUTPUT_DIR));
+        let mut o = TrainOptions::new(PathBuf::from(teacher), latents, output_dir);
+        o.train_batch_size = fill(&mut a.train_batch_size, &o.train_batch_size);
+        o.num_train_epochs = fill(&mut a.num_train_epochs, &o.num_train_epochs);
+        o.max_train_steps = a.max_train_steps;
+        o.gradient_accumulation_steps = fill(
+            &mut a.gradient_accumulation_steps,
+            &o.gradient_accumulation_steps,
+        );
+        o.gradient_checkpointing = a.gradient_checkpointing;
+        o.learning_rate = fill(&mut a.learning_rate, &o.learning_rate);
+        o.scale_lr = a.scale_lr;
+        o.lr_scheduler = fill(&mut a.lr_scheduler, &o.lr_scheduler);
+        o.lr_warmup_steps = fill(&mut a.lr_warmup_steps, &o.lr_warmup_steps);
+        o.lr_num_cycles = fill(&mut a.lr_num_cycles, &o.lr_num_cycles);
+        o.lr_power = fill(&mut a.lr_power, &o.lr_power);
+        o.adam.beta1 = fill(&mut a.adam_beta1, &o.adam.beta1);
+        o.adam.beta2 = fill(&mut a.adam_beta2, &o.adam.beta2);
+        o.adam.weight_decay = fill(&mut a.adam_weight_decay, &o.adam.weight_decay);
+        o.adam.eps = fill(&mut a.adam_epsilon, &o.adam.eps);
+        o.gradient_clip = fill(&mut a.gradient_clip, &o.gradient_clip);
+        o.mixed_precision = fill(&mut a.mixed_precision, &o.mixed_precision);
+        o.seed = fill(&mut a.seed, &o.seed);
+        let s = &mut o.step;
+        s.student_sampler.mean = fill(&mut a.logit_mean, &s.student_sampler.mean);
+        s.student_sampler.std = fill(&mut a.logit_std, &s.student_sampler.std);
+        s.disc_sampler.mean = fill(&mut a.logit_mean_discriminator, &s.disc_sampler.mean);
+        s.disc_sampler.std = fill(&mut a.logit_std_discriminator, &s.disc_sampler.std);
+        s.adv_lambda = fill(&mut a.adv_lambda, &s.adv_lambda);
+        s.scm_lambda = fill(&mut a.scm_lambda, &s.scm_lambda);
+        s.sigma_data = fill(&mut a.sigma_data, &s.sigma_data);
+        s.tangent_warmup_steps = fill(&mut a.tangent_warmup_steps, &s.tangent_warmup_steps);
+        s.guidance_embeds_scale = fill(&mut a.guidance_embeds_scale, &s.guidance_embeds_scale);
+        s.scm_cfg_scale = fill(&mut a.scm_cfg_scale, &s.scm_cfg_scale);
+        s.train_largest_timestep = a.train_largest_timestep;
+        s.largest_timestep = fill(&mut a.largest_timestep, &s.largest_timestep);
+        s.largest_timestep_prob = fill(&mut a.largest_timestep_prob, &s.largest_timestep_prob);
+        s.misaligned_pairs_d = a.misaligned_pairs_d;
+        o.head_block_ids = fill(&mut a.head_block_ids, &o.head_block_ids);
+        o.guidance_init = fill(&mut a.guidance_init, &o.guidance_init);
+        o.self_attention = fill(&mut a.self_attention, &o.self_attention);
+        o.checkpointing_steps = fill(&mut a.checkpointing_steps, &o.checkpointing_steps);
+        o.checkpoints_total_limit = a.checkpoints_total_limit;
+        o.resume_from_checkpoint = a.resume_from_checkpoint.clone();
+        o.validation_prompts = a.validation_prompt.clone();
+        o.num_validation_images = fill(&mut a.num_validation_images, &o.num_validation_images);
+        o.validation_steps = a.validation_steps;
+        o.validation_timesteps = fill(&mut a.validation_timesteps, &o.validation_timesteps);
+        o.upcast_before_saving = a.upcast_before_saving;
+        o.allow_store_mismatch = a.allow_store_mismatch;
+        let device = fill(&mut a.device, &device::default_device().to_string());
+        o.device = device::parse_device(&device)?;
+        o.prefetch = fill(&mut a.dataloader_num_workers, &o.prefetch).max(1);
+        o.progress = !a.no_progress;
+        o.config_json = serde_json::to_value(&self).expect("the flags serialise");
+        Ok(o)
+    }
+
+    /// [`TrainArgs::resolve`], with the teacher looked up locally, in the HF cache or on the hub.
+    pub fn options(self) -> Result<TrainOptions> {
+        let mut o = self.resolve()?;
+        let name = o.pretrained_model_name_or_path.display().to_string();
+        o.pretrained_model_name_or_path =
+            hub::resolve_model(&name, &["transformer"], &HubConfig::from_env())?.root;
+        Ok(o)
+    }
+}
