@@ -2,6 +2,7 @@
 //! Run one group with `cargo test --test suite MODULE::` (e.g. `cargo test --test suite train_loop::`).
 
 mod common;
+mod configs;
 mod golden_dcae;
 mod golden_disc_loss;
 mod golden_gemma2;
