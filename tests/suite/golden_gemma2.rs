@@ -141,12 +141,19 @@ fn softcap_changes_the_output() {
     let (out, expected) = run_with("gemma2_softcap_tiny", &cfg, DType::F32);
     let diff = common::max_abs_diff(&out, &expected);
     println!("gemma2_softcap_tiny without softcap: max abs diff {diff:.3e}");
-    assert!(diff > 0.1, "removing the softcap changed the output by only {diff:.3e}");
+    assert!(
+        diff > 0.1,
+        "removing the softcap changed the output by only {diff:.3e}"
+    );
 }
 
 #[test]
 fn missing_folder_is_a_missing_error() {
-    let err = Gemma2Encoder::load(&fixture_path("no-such-text-encoder"), DType::F32, &Device::Cpu)
-        .unwrap_err();
+    let err = Gemma2Encoder::load(
+        &fixture_path("no-such-text-encoder"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(matches!(err, sana_sprint::Error::Missing { .. }), "{err}");
 }
