@@ -208,25 +208,41 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }
 
-/// The padding token named by `tokenizer_config.json` (a string or `{"content": …}`), `<pad>` when absent.
+/// The padding token as transformers resolves it (`PreTrainedTokenizerBase._from_pretrained`,
+/// `tokenization_utils_base.py`): `tokenizer_config.json`'s `pad_token` (a string or `{"content": …}`); when that
+/// file has no `added_tokens_decoder`, a `pad_token` in the legacy `special_tokens_map.json` overrides it; when
+/// neither names one, `GemmaTokenizer`'s default `<pad>`.
 fn pad_token_name(dir: &Path) -> Result<String> {
-    let path = dir.join("tokenizer_config.json");
-    if !path.is_file() {
-        return Ok("<pad>".into());
+    fn read(path: &Path) -> Result<Option<serde_json::Value>> {
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-    let pad = match config.get("pad_token") {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Object(o)) => o
-            .get("content")
-            .and_then(|c| c.as_str())
-            .unwrap_or("<pad>")
-            .to_string(),
-        _ => "<pad>".into(),
-    };
-    Ok(pad)
+    fn pad_of(config: &serde_json::Value) -> Option<String> {
+        match config.get("pad_token")? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+            _ => None,
+        }
+    }
+    let config = read(&dir.join("tokenizer_config.json"))?;
+    let mut pad = config.as_ref().and_then(pad_of);
+    let legacy = config
+        .as_ref()
+        .is_none_or(|c| c.get("added_tokens_decoder").is_none());
+    if legacy {
+        if let Some(map_pad) = read(&dir.join("special_tokens_map.json"))?
+            .as_ref()
+            .and_then(pad_of)
+        {
+            pad = Some(map_pad);
+        }
+    }
+    Ok(pad.unwrap_or_else(|| "<pad>".into()))
 }
 
 /// Python's `str.strip()`: Unicode whitespace plus the ASCII separators U+001C..U+001F that Python counts too.
@@ -277,5 +293,31 @@ mod tests {
         // a one-token instruction makes the sequence shorter than the output: Python repeats index 0
         assert_eq!(selected_positions(3, 4).unwrap(), vec![0, 0, 1, 2]);
         assert!(selected_positions(2, 4).is_err());
+    }
+
+    #[test]
+    fn pad_token_follows_transformers_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        assert_eq!(pad_token_name(dir.path()).unwrap(), "<pad>");
+        write(
+            "special_tokens_map.json",
+            r#"{"pad_token": {"content": "<map>", "lstrip": false}}"#,
+        );
+        assert_eq!(pad_token_name(dir.path()).unwrap(), "<map>");
+        // A legacy tokenizer_config (no added_tokens_decoder): the special-tokens map still wins.
+        write("tokenizer_config.json", r#"{"pad_token": "<cfg>"}"#);
+        assert_eq!(pad_token_name(dir.path()).unwrap(), "<map>");
+        // A current one: the map is not read.
+        write(
+            "tokenizer_config.json",
+            r#"{"pad_token": {"content": "<cfg>"}, "added_tokens_decoder": {}}"#,
+        );
+        assert_eq!(pad_token_name(dir.path()).unwrap(), "<cfg>");
+        write(
+            "tokenizer_config.json",
+            r#"{"pad_token": null, "added_tokens_decoder": {}}"#,
+        );
+        assert_eq!(pad_token_name(dir.path()).unwrap(), "<pad>");
     }
 }

@@ -76,13 +76,14 @@ pub enum Activation {
 
 impl TryFrom<String> for Activation {
     type Error = String;
+    /// diffusers `get_activation` lower-cases the name before looking it up (`models/activations.py`).
     fn try_from(s: String) -> std::result::Result<Self, String> {
-        match s.as_str() {
+        match s.to_lowercase().as_str() {
             "silu" | "swish" => Ok(Self::Silu),
             "relu" => Ok(Self::Relu),
             "gelu" => Ok(Self::Gelu),
             _ => Err(format!(
-                "unsupported DC-AE activation {s:?} (supported: \"silu\", \"swish\", \"relu\", \"gelu\")"
+                "unsupported DC-AE activation {s:?} (supported, in any case: \"silu\", \"swish\", \"relu\", \"gelu\")"
             )),
         }
     }
@@ -98,44 +99,42 @@ impl Activation {
     }
 }
 
-/// `downsample_block_type`: a stride-2 conv (`"Conv"`, SANA) or a conv followed by pixel_unshuffle.
+/// `downsample_block_type`: a conv followed by pixel_unshuffle when the value is exactly `"pixel_unshuffle"`,
+/// otherwise a stride-2 conv (SANA spells it `"Conv"`). diffusers `Encoder.__init__` (`autoencoder_dc.py`) only
+/// tests `downsample_block_type == "pixel_unshuffle"`, so any other spelling builds the strided conv.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[serde(from = "String")]
 pub enum DownsampleType {
     Conv,
     PixelUnshuffle,
 }
 
-impl TryFrom<String> for DownsampleType {
-    type Error = String;
-    fn try_from(s: String) -> std::result::Result<Self, String> {
-        match s.as_str() {
-            "Conv" => Ok(Self::Conv),
-            "pixel_unshuffle" => Ok(Self::PixelUnshuffle),
-            _ => Err(format!(
-                "unsupported DC-AE downsample_block_type {s:?} (supported: \"Conv\", \"pixel_unshuffle\")"
-            )),
+impl From<String> for DownsampleType {
+    fn from(s: String) -> Self {
+        if s == "pixel_unshuffle" {
+            Self::PixelUnshuffle
+        } else {
+            Self::Conv
         }
     }
 }
 
-/// `upsample_block_type`: nearest x2 then conv (`"interpolate"`, SANA) or a conv followed by pixel_shuffle.
+/// `upsample_block_type`: nearest x2 then conv when the value is exactly `"interpolate"` (SANA), otherwise a
+/// conv followed by pixel_shuffle. diffusers `Decoder.__init__` (`autoencoder_dc.py`) only tests
+/// `upsample_block_type == "interpolate"`, so any other spelling builds the pixel-shuffle block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[serde(from = "String")]
 pub enum UpsampleType {
     Interpolate,
     PixelShuffle,
 }
 
-impl TryFrom<String> for UpsampleType {
-    type Error = String;
-    fn try_from(s: String) -> std::result::Result<Self, String> {
-        match s.as_str() {
-            "interpolate" => Ok(Self::Interpolate),
-            "pixel_shuffle" => Ok(Self::PixelShuffle),
-            _ => Err(format!(
-                "unsupported DC-AE upsample_block_type {s:?} (supported: \"interpolate\", \"pixel_shuffle\")"
-            )),
+impl From<String> for UpsampleType {
+    fn from(s: String) -> Self {
+        if s == "interpolate" {
+            Self::Interpolate
+        } else {
+            Self::PixelShuffle
         }
     }
 }

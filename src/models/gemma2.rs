@@ -22,13 +22,15 @@ pub enum LayerType {
     FullAttention,
 }
 
-/// `rope_parameters` of transformers ≥ 5 configs.
+/// `rope_parameters` of transformers ≥ 5 configs, or the legacy `rope_scaling` (which spells the type `type` in
+/// old configs). transformers' `rope_config_validation` treats a missing type as `"default"`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeParameters {
-    #[serde(default = "default_rope_type")]
+    #[serde(default = "default_rope_type", alias = "type")]
     pub rope_type: String,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// Absent: the config's top-level `rope_theta`, else 10000.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
 }
 
 /// `text_encoder/config.json`; defaults are those of transformers' `Gemma2Config` (= google/gemma-2-2b).
@@ -58,6 +60,9 @@ pub struct Gemma2Config {
     pub rope_theta: Option<f64>,
     #[serde(default)]
     pub rope_parameters: Option<RopeParameters>,
+    /// Legacy (transformers < 5) RoPE scaling; `null` or type `"default"` is plain RoPE.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeParameters>,
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default = "default_query_pre_attn_scalar")]
@@ -149,12 +154,17 @@ impl Gemma2Config {
                 ));
             }
         }
-        if let Some(rope) = &self.rope_parameters {
-            if rope.rope_type != "default" {
-                return Err(format!(
-                    "rope_type \"{}\" is not supported (only \"default\")",
-                    rope.rope_type
-                ));
+        for (field, rope) in [
+            ("rope_parameters", &self.rope_parameters),
+            ("rope_scaling", &self.rope_scaling),
+        ] {
+            if let Some(rope) = rope {
+                if rope.rope_type != "default" {
+                    return Err(format!(
+                        "{field}.rope_type \"{}\" is not supported (only \"default\")",
+                        rope.rope_type
+                    ));
+                }
             }
         }
         if self.use_bidirectional_attention == Some(true) {
@@ -176,16 +186,24 @@ impl Gemma2Config {
     pub fn rope_base(&self) -> f64 {
         self.rope_parameters
             .as_ref()
-            .map(|r| r.rope_theta)
+            .and_then(|r| r.rope_theta)
             .or(self.rope_theta)
             .unwrap_or_else(default_rope_theta)
     }
 
+    /// `ACT2FN[hidden_activation]` (transformers `activations.py`; the lookup is case-sensitive). The
+    /// tanh-approximation entries (`gelu_pytorch_tanh`, `gelu_new`, `gelu_fast`) are one function, as are the
+    /// exact-erf ones (`gelu`, `gelu_python`).
     fn activation(&self) -> std::result::Result<Activation, String> {
         match self.hidden_activation.as_str() {
-            "gelu_pytorch_tanh" | "gelu_new" => Ok(Activation::GeluTanh),
-            "gelu" => Ok(Activation::GeluErf),
-            other => Err(format!("hidden_activation \"{other}\" is not supported")),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "gelu" | "gelu_python" => Ok(Activation::GeluErf),
+            "silu" | "swish" => Ok(Activation::Silu),
+            "relu" => Ok(Activation::Relu),
+            other => Err(format!(
+                "hidden_activation \"{other}\" is not supported (supported: gelu_pytorch_tanh, gelu_new, \
+                 gelu_fast, gelu, gelu_python, silu, swish, relu)"
+            )),
         }
     }
 }
@@ -194,6 +212,8 @@ impl Gemma2Config {
 enum Activation {
     GeluTanh,
     GeluErf,
+    Silu,
+    Relu,
 }
 
 /// Gemma's RMSNorm: computed in f32 with the weight stored as an offset from one, `x̂ · (1 + w)`.
@@ -312,6 +332,8 @@ impl Mlp {
         let gate = match self.activation {
             Activation::GeluTanh => gate.gelu()?,
             Activation::GeluErf => gate.gelu_erf()?,
+            Activation::Silu => gate.silu()?,
+            Activation::Relu => gate.relu()?,
         };
         Ok(self
             .down_proj

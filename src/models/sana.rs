@@ -40,18 +40,29 @@ pub struct SanaConfig {
     pub caption_channels: usize,
     pub mlp_ratio: f64,
     pub dropout: f64,
+    /// `null` reads as false (diffusers passes it on as `bias=None`, which `nn.Linear` treats as false).
+    #[serde(deserialize_with = "null_as_false")]
     pub attention_bias: bool,
     pub sample_size: usize,
     pub patch_size: usize,
+    /// `null` reads as false (`nn.LayerNorm(elementwise_affine=None)` has no affine parameters).
+    #[serde(deserialize_with = "null_as_false")]
     pub norm_elementwise_affine: bool,
     pub norm_eps: f64,
     pub interpolation_scale: Option<f64>,
+    /// `null` reads as false: diffusers tests `if guidance_embeds:`.
+    #[serde(deserialize_with = "null_as_false")]
     pub guidance_embeds: bool,
     /// Read only by the Sprint pipeline (callers pass guidance already scaled); not used by `forward`.
     pub guidance_embeds_scale: f64,
     pub qk_norm: Option<String>,
     /// Read only by `SanaPipeline`; not used by `forward`.
     pub timestep_scale: f64,
+}
+
+/// A boolean that Python reads by truthiness: `null` is false.
+fn null_as_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 impl Default for SanaConfig {
@@ -96,8 +107,12 @@ impl SanaConfig {
         self.num_attention_heads * self.attention_head_dim
     }
 
+    /// `out_channels or in_channels` (diffusers `SanaTransformer2DModel.__init__`): `null` and 0 both mean
+    /// "as many as in_channels".
     pub fn out_channels(&self) -> usize {
-        self.out_channels.unwrap_or(self.in_channels)
+        self.out_channels
+            .filter(|&c| c != 0)
+            .unwrap_or(self.in_channels)
     }
 
     /// Hidden width of the GLUMBConv FFN, `int(mlp_ratio · D)`.

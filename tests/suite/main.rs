@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod configs;
 mod golden_dcae;
 mod golden_disc_loss;
 mod golden_gemma2;
