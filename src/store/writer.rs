@@ -1,0 +1,209 @@
+//! Appending rows to a store: one atomic Lance commit per [`StoreWriter::commit`], ids never duplicated.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{FixedSizeListBuilder, Int32Builder};
+use arrow_array::{
+    Array, ArrayRef, Float16Array, Float32Array, Int32Array, ListArray, RecordBatch,
+    RecordBatchIterator, StringArray,
+};
+use arrow_buffer::OffsetBuffer;
+use arrow_schema::{DataType, Field, SchemaRef};
+use futures::TryStreamExt;
+use half::f16;
+use lance::dataset::{Dataset, WriteMode, WriteParams};
+
+use super::config::{read_config, StoreConfig};
+use super::schema::{columns, schema, FloatEncoding, LatentRow, LIST_ITEM};
+use super::{runtime_with, uri};
+use crate::error::{Error, Result};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    runtime_with(2)
+}
+
+/// A list column whose item field is exactly the schema's (Arrow compares item fields, metadata included).
+fn float_list(schema: &SchemaRef, name: &str, values: Vec<Vec<f32>>) -> Result<ArrayRef> {
+    let DataType::List(item) = schema.field_with_name(name)?.data_type().clone() else {
+        return Err(Error::store("", format!("column {name} is not a list")));
+    };
+    let offsets = OffsetBuffer::from_lengths(values.iter().map(Vec::len));
+    let flat = values.into_iter().flatten();
+    let arr: ArrayRef = match item.data_type() {
+        DataType::Float32 => Arc::new(Float32Array::from_iter_values(flat)),
+        _ => Arc::new(Float16Array::from_iter_values(flat.map(f16::from_f32))),
+    };
+    Ok(Arc::new(ListArray::try_new(item, offsets, arr, None)?))
+}
+
+fn to_batch(schema: &SchemaRef, rows: Vec<LatentRow>) -> Result<RecordBatch> {
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut captions = Vec::with_capacity(rows.len());
+    let mut latents = Vec::with_capacity(rows.len());
+    let mut embeds = Vec::with_capacity(rows.len());
+    let mut lens = Vec::with_capacity(rows.len());
+    let mut shapes = FixedSizeListBuilder::new(Int32Builder::new(), 3)
+        .with_field(Arc::new(Field::new(LIST_ITEM, DataType::Int32, false)));
+    for r in rows {
+        ids.push(r.id);
+        captions.push(r.caption);
+        latents.push(r.latent);
+        embeds.push(r.prompt_embeds);
+        lens.push(r.prompt_len);
+        shapes.values().append_slice(&r.latent_shape);
+        shapes.append(true);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(ids)),
+        Arc::new(StringArray::from(captions)),
+        float_list(schema, columns::LATENT, latents)?,
+        Arc::new(shapes.finish()),
+        float_list(schema, columns::PROMPT_EMBEDS, embeds)?,
+        Arc::new(Int32Array::from(lens)),
+    ];
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Appends encoded rows to a store, creating it on first use and refusing incompatible settings.
+pub struct StoreWriter {
+    path: PathBuf,
+    rt: tokio::runtime::Runtime,
+    dataset: Dataset,
+    schema: SchemaRef,
+    config: StoreConfig,
+    existing: HashSet<String>,
+    pending: Vec<LatentRow>,
+    rows_written: usize,
+}
+
+/// How an existing store at the output path is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create it, or resume/extend it when its settings match.
+    CreateOrAppend,
+    /// Replace its contents by an empty store with the new settings (a new Lance version).
+    Overwrite,
+}
+
+impl StoreWriter {
+    pub fn open(
+        path: &Path,
+        config: StoreConfig,
+        mode: OpenMode,
+        encoding: FloatEncoding,
+    ) -> Result<Self> {
+        let rt = runtime()?;
+        let schema = schema(&config, encoding)?;
+        let exists = path.join("_versions").is_dir();
+        let create = |write_mode: WriteMode| -> Result<Dataset> {
+            let empty = RecordBatchIterator::new(
+                std::iter::empty::<Result<RecordBatch, _>>(),
+                schema.clone(),
+            );
+            let params = WriteParams {
+                mode: write_mode,
+                ..Default::default()
+            };
+            Ok(rt.block_on(Dataset::write(empty, uri(path).as_str(), Some(params)))?)
+        };
+        let (dataset, existing) = if !exists {
+            (create(WriteMode::Create)?, HashSet::new())
+        } else if mode == OpenMode::Overwrite {
+            (create(WriteMode::Overwrite)?, HashSet::new())
+        } else {
+            let ds = rt.block_on(Dataset::open(&uri(path)))?;
+            let stored = read_config(path, &ds)?;
+            if let Some(diff) = stored.incompatibility(&config) {
+                return Err(Error::store(
+                    path,
+                    format!(
+                        "refusing to mix settings: {diff}. Write to a new --output, or pass --overwrite to replace the store"
+                    ),
+                ));
+            }
+            let ids = rt.block_on(read_ids(&ds))?;
+            (ds, ids)
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            rt,
+            dataset,
+            schema,
+            config,
+            existing,
+            pending: Vec::new(),
+            rows_written: 0,
+        })
+    }
+
+    /// Ids already in the store (skipped by a resumed run).
+    pub fn contains(&self, id: &str) -> bool {
+        self.existing.contains(id)
+    }
+
+    pub fn existing_len(&self) -> usize {
+        self.existing.len()
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn rows_written(&self) -> usize {
+        self.rows_written
+    }
+
+    /// Queues a row; rows whose id is already stored or queued are dropped (returns false).
+    pub fn push(&mut self, row: LatentRow) -> bool {
+        if !self.existing.insert(row.id.clone()) {
+            return false;
+        }
+        self.pending.push(row);
+        true
+    }
+
+    /// Writes the queued rows as one atomic Lance commit; returns how many were written.
+    pub fn commit(&mut self) -> Result<usize> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let rows = std::mem::take(&mut self.pending);
+        let n = rows.len();
+        let batch = to_batch(&self.schema, rows)?;
+        let reader = RecordBatchIterator::new(vec![Ok(batch)], self.schema.clone());
+        let params = WriteParams {
+            mode: WriteMode::Append,
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.dataset.append(reader, Some(params)))?;
+        self.rows_written += n;
+        Ok(n)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+async fn read_ids(ds: &Dataset) -> Result<HashSet<String>> {
+    let mut scan = ds.scan();
+    scan.project(&[columns::ID])?;
+    let mut stream = scan.try_into_stream().await?;
+    let mut ids = HashSet::new();
+    while let Some(batch) = stream.try_next().await? {
+        let col = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| Error::store("", "column id is not utf8"))?;
+        ids.extend(col.iter().flatten().map(str::to_string));
+    }
+    Ok(ids)
+}
