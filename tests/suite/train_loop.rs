@@ -636,9 +636,9 @@ fn bf16_training_follows_f32() {
 /// clipping) is at most the mean of their norms. A sum instead of a mean is twice as long and breaks that bound
 /// unless the two gradients point nearly opposite ways. Each micro-batch gradient is measured alone by a run
 /// without accumulation: batch 0 as its first step, batch 1 by skipping batch 0 with an injected NaN (same
-/// weights, same global step, same per-batch draws). The runs are f32, which repeat bit for bit within one
-/// process (the resume tests rely on that): the margin here is small because the two gradients are nearly
-/// parallel, so the three runs must see exactly the same numbers.
+/// weights, same global step, same per-batch draws). The bound has 10% slack: the logged norms were seen to
+/// differ by up to ~0.05% between processes (the two gradients are nearly parallel, so the exact bound is tight),
+/// while a sum would exceed it by ~100%.
 #[test]
 fn accumulation_averages_micro_batches() {
     let first_grad_norm = |accumulation: usize, nan_batches: Vec<u64>| -> f64 {
@@ -659,14 +659,11 @@ fn accumulation_averages_micro_batches() {
     let g1 = first_grad_norm(1, vec![0]);
     let mean = first_grad_norm(2, vec![]);
     println!("|g0| {g0:.6e}, |g1| {g1:.6e}, |(g0 + g1)/2| {mean:.6e}");
-    let bound = 0.5 * (g0 + g1) * (1.0 + 1e-4);
+    let bound = 0.5 * (g0 + g1) * 1.1;
     assert!(
         mean <= bound,
         "accumulated gradient norm {mean:.6e} exceeds the mean of the micro-batch norms {bound:.6e}: \
          the micro-batch gradients are summed, not averaged"
     );
-    assert!(
-        mean >= 0.5 * (g0 - g1).abs() * (1.0 - 1e-4),
-        "{mean} < |g0 - g1|/2"
-    );
+    assert!(mean >= 0.5 * (g0 - g1).abs() * 0.9, "{mean} < |g0 - g1|/2");
 }
