@@ -18,4 +18,5 @@ mod loader;
 mod prep_e2e;
 mod student_init;
 mod train_loop;
+mod train_refusals;
 mod train_step;
