@@ -106,7 +106,7 @@ impl Options {
     }
 }
 
-/// The SANA-Sprint 0.6B student config (SPEC §1.1), with `layers` blocks.
+/// The SANA-Sprint 0.6B student config (docs/ALGORITHM.md §2.1), with `layers` blocks.
 fn config(layers: usize) -> SanaConfig {
     SanaConfig {
         num_attention_heads: 36,

@@ -6,9 +6,10 @@ use crate::{Error, Result};
 
 /// `--mixed_precision`: the dtype models compute in ([`MixedPrecision::dtype`]). `no` is f32 everywhere. `bf16`
 /// means, per binary: sprint-prep runs Gemma-2 in bf16 as the reference script does (the DC-AE encoder always
-/// runs in f32, as in the reference); sprint-train runs the teacher, the student and the heads in bf16 over f32
-/// master weights and f32 AdamW state, and its validation encodes the prompts with Gemma-2 and samples the
-/// student in bf16 (the DC-AE decoder stays f32); sprint-bench measures the same work in bf16.
+/// runs in f32, as in the reference); sprint-train runs the teacher and the student in bf16 over f32 master weights
+/// and f32 AdamW state (the small discriminator heads stay f32: the teacher's features are cast to f32 for them),
+/// and its validation encodes the prompts with Gemma-2 and samples the student in bf16 (the DC-AE decoder stays
+/// f32); sprint-bench measures the same work in bf16.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
 )]

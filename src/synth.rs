@@ -29,7 +29,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-/// The SANA 1.0/1.1 DC-AE `vae/config.json` (SPEC §1.2).
+/// The SANA 1.0/1.1 DC-AE `vae/config.json` (docs/ALGORITHM.md §2.2).
 pub const SANA_VAE_CONFIG: &str = include_str!("../data/configs/dcae_f32c32_sana_vae.json");
 /// The tiny pipeline's DC-AE config (smoke runs).
 pub const TINY_VAE_CONFIG: &str = include_str!("../datasets/tiny-sana-sprint/vae/config.json");
@@ -49,7 +49,7 @@ pub const KEYS_STUDENT_1_6B: &str =
 pub const KEYS_STUDENT_0_6B: &str =
     include_str!("../data/keys/sana_sprint_0.6B_student_transformer.txt");
 
-/// Gemma-2-2B's vocabulary size (SPEC §1.3).
+/// Gemma-2-2B's vocabulary size (docs/ALGORITHM.md §2.3).
 pub const GEMMA_VOCAB: usize = 256_000;
 
 /// A tensor a model asks for: its full name and shape.
@@ -339,7 +339,7 @@ fn save_random(path: &Path, keys: &[Key], dtype: DType, norm: NormWeights) -> Re
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The SANA-Sprint teacher `transformer/config.json` (SPEC §1.1) of `name` (1.6B or 0.6B), keeping the first
+/// The SANA-Sprint teacher `transformer/config.json` (docs/ALGORITHM.md §2.1) of `name` (1.6B or 0.6B), keeping the first
 /// `layers` blocks when given.
 pub fn teacher_config(name: &str, layers: Option<usize>) -> Result<serde_json::Value> {
     let (heads, full_layers, cross_heads, cross_head_dim) = match name {
@@ -389,7 +389,7 @@ pub fn teacher_folder(work: &Path, name: &str, layers: Option<usize>) -> Result<
     })
 }
 
-/// The real Gemma-2-2B `text_encoder/config.json` (SPEC §1.3) with `layers` decoder layers and `vocab` rows.
+/// The real Gemma-2-2B `text_encoder/config.json` (docs/ALGORITHM.md §2.3) with `layers` decoder layers and `vocab` rows.
 pub fn gemma_config(layers: usize, vocab: usize) -> serde_json::Value {
     let layer_types: Vec<&str> = (0..layers)
         .map(|i| {

@@ -1,4 +1,4 @@
-//! Prompt encoding exactly as diffusers `SanaPipeline.encode_prompt` (SPEC §6): lower-case + strip, optional
+//! Prompt encoding exactly as diffusers `SanaPipeline.encode_prompt` (docs/ALGORITHM.md §4): lower-case + strip, optional
 //! complex-human-instruction prefix, fixed-length right padding and truncation by the pipeline's own tokenizer,
 //! Gemma-2 hidden states, then the "BOS + last window" token selection.
 

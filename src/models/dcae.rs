@@ -1,4 +1,4 @@
-//! DC-AE (diffusers `AutoencoderDC`, SPEC §4): a deterministic convolutional autoencoder with 2^(stages-1)
+//! DC-AE (diffusers `AutoencoderDC`, docs/ALGORITHM.md §3.10): a deterministic convolutional autoencoder with 2^(stages-1)
 //! spatial compression (32 for SANA). Encoder and decoder are loaded from a diffusers `vae/` folder by their
 //! real key names; `encode` returns the raw latent (the caller applies `scaling_factor`).
 
@@ -553,7 +553,7 @@ impl Module for MultiscaleProjection {
     }
 }
 
-/// `SanaMultiscaleLinearAttention` with `SanaMultiscaleAttnProcessor2_0` (SPEC §4.2), residual included.
+/// `SanaMultiscaleLinearAttention` with `SanaMultiscaleAttnProcessor2_0` (docs/ALGORITHM.md §3.10), residual included.
 #[derive(Debug, Clone)]
 struct MultiscaleAttention {
     /// `to_q`, `to_k`, `to_v` stacked: one matmul yields the concatenated (q, k, v) channels.

@@ -1,4 +1,4 @@
-//! LADD discriminator: frozen teacher trunk tapped at chosen blocks + trainable DiscHeads (SPEC §8.9).
+//! LADD discriminator: frozen teacher trunk tapped at chosen blocks + trainable DiscHeads (docs/ALGORITHM.md §5.8).
 //!
 //! A head maps the output (B, N, C) of one teacher block to one logit per token (B, N). PyTorch runs the heads
 //! on (B, C, N) ("channels × tokens"); here they run channels-last on the block output as it comes, which makes
@@ -18,10 +18,10 @@ use crate::models::weights::Weights;
 use crate::rng::SeededRng;
 use crate::{Error, Result};
 
-/// Teacher blocks tapped by the heads, in head order (`--head_block_ids` default, 0-based).
-/// Power iterations run on fresh heads (SPEC §8.14 #14: the reference's first G step uses random u, v).
+/// Power iterations run on fresh heads (docs/ALGORITHM.md §9 #14: the reference's first G step uses random u, v).
 pub const INIT_POWER_ITERATIONS: usize = 10;
 
+/// Teacher blocks tapped by the heads, in head order (`--head_block_ids` default, 0-based).
 pub const DEFAULT_HEAD_BLOCK_IDS: [usize; 4] = [2, 8, 14, 19];
 
 /// `torch.nn.utils.spectral_norm` eps of `normalize(x) = x / max(‖x‖₂, eps)`.
@@ -53,7 +53,7 @@ fn leaky_relu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Conv1d (stride 1, padding k//2, circular) whose weight is `weight_orig / σ`, with σ from
-/// `torch.nn.utils.spectral_norm(dim=0, n_power_iterations=1, eps=1e-12)` (SPEC §8.9).
+/// `torch.nn.utils.spectral_norm(dim=0, n_power_iterations=1, eps=1e-12)` (docs/ALGORITHM.md §5.8).
 #[derive(Debug)]
 pub struct SpectralConv1d {
     /// (out, in, k), trainable.
@@ -376,7 +376,7 @@ impl DiscHeads {
     /// Fresh heads (f32) for `channels` = the teacher's inner dim, one per entry of `block_ids` (strictly
     /// increasing teacher block indices, e.g. [`DEFAULT_HEAD_BLOCK_IDS`]), with torch's default initialisation
     /// drawn from a generator seeded by `seed`, then [`INIT_POWER_ITERATIONS`] power iterations so that the
-    /// first eval-mode forward does not divide by σ = uᵀWv of random u, v (SPEC §8.14 #14).
+    /// first eval-mode forward does not divide by σ = uᵀWv of random u, v (docs/ALGORITHM.md §9 #14).
     pub fn new(block_ids: &[usize], channels: usize, seed: u64, device: &Device) -> Result<Self> {
         check_block_ids(block_ids)?;
         let mut rng = SeededRng::new(seed);
@@ -477,7 +477,7 @@ impl DiscHeads {
     }
 
     /// Runs `n` power iterations on every spectral convolution (no forward), so that σ is a sound estimate of
-    /// the largest singular value before the first eval-mode use (SPEC §8.14 #14).
+    /// the largest singular value before the first eval-mode use (docs/ALGORITHM.md §9 #14).
     pub fn power_iterations(&self, n: usize) -> Result<()> {
         for head in &self.heads {
             for conv in head.convs() {
@@ -516,7 +516,7 @@ impl DiscHeads {
     }
 }
 
-/// Discriminator logits (B, K·N) of `SanaMSCMDiscriminator` (SPEC §8.9): the frozen teacher wrapper runs on
+/// Discriminator logits (B, K·N) of `SanaMSCMDiscriminator` (docs/ALGORITHM.md §5.8): the frozen teacher wrapper runs on
 /// x = x_D/σd (B, C, H, W) at TrigFlow time t (B,) with prompts y (B, L, caption_channels) and mask (B, L),
 /// up to the last tapped block; head k reads block `heads.block_ids()[k]`; the head outputs are concatenated
 /// in head order. Gradients flow into the heads' `Var`s and, through the teacher, into x.

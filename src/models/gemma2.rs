@@ -1,7 +1,7 @@
 //! Gemma-2 text encoder (transformers `Gemma2Model`): final-norm hidden states under a padding mask.
 //!
 //! candle-transformers' `gemma2` is a language model (last-token logits, causal mask only); SANA needs the
-//! hidden states of every position with right padding, so this is the encoder half written out (SPEC §5).
+//! hidden states of every position with right padding, so this is the encoder half written out (docs/ALGORITHM.md §3.11).
 //! Weights are read by their transformers key names from a `text_encoder/` folder (single or sharded
 //! safetensors, optional `model.` prefix of a `Gemma2ForCausalLM` checkpoint).
 

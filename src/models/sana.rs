@@ -1,7 +1,7 @@
-//! SanaTransformer2DModel (diffusers): teacher and student backbones (SPEC §2–§3).
+//! SanaTransformer2DModel (diffusers): teacher and student backbones (docs/ALGORITHM.md §3).
 //!
 //! Every layer is written over [`Dual`], so the plain forward is the dual forward without tangents and the
-//! student's JVP (SPEC §9) is the same pass with tangents on the latent and the timestep. Layers are built from
+//! student's JVP (docs/ALGORITHM.md §6) is the same pass with tangents on the latent and the timestep. Layers are built from
 //! differentiable candle primitives (no fused norms/softmax) so reverse mode works through the same code, and
 //! the constructor only takes views of the weights it is given (no copies), so a `Var`-backed model trains
 //! its variables in place. Internally tokens stay channels-last: (B, N, D) with N = H·W row-major; the FFN's
@@ -174,7 +174,7 @@ pub enum SelfAttention {
     /// ReLU linear attention (`SanaLinearAttnProcessor2_0`): the checkpoint's own processor.
     #[default]
     Linear,
-    /// Softmax attention (the reference training script's processor swap on the student, SPEC §8.14 #1).
+    /// Softmax attention (the reference training script's processor swap on the student, docs/ALGORITHM.md §9 #1).
     Softmax,
 }
 
@@ -270,7 +270,7 @@ impl TimestepEmbedding {
     }
 }
 
-/// The time conditioning module `time_embed` (SPEC §2.6).
+/// The time conditioning module `time_embed` (docs/ALGORITHM.md §3.3).
 #[derive(Clone, Debug)]
 enum TimeEmbed {
     /// `AdaLayerNormSingle` (teacher, `guidance_embeds = false`).
@@ -422,7 +422,7 @@ impl GluMbConv {
     }
 }
 
-/// `SanaTransformerBlock` (SPEC §3.2).
+/// `SanaTransformerBlock` (docs/ALGORITHM.md §3.8).
 #[derive(Clone, Debug)]
 pub struct SanaTransformerBlock {
     scale_shift_table: Tensor,
@@ -599,7 +599,7 @@ struct LatentInputs {
     grid: (usize, usize),
 }
 
-/// What every block reads, from the part of the forward before the blocks (SPEC §3.1 steps 2–4).
+/// What every block reads, from the part of the forward before the blocks (docs/ALGORITHM.md §3.9 steps 2–4).
 #[derive(Clone, Debug)]
 pub struct BlockInputs {
     /// Patch-embedded latent tokens (B, N, D): the first block's input.
@@ -760,7 +760,7 @@ impl SanaTransformer2DModel {
         Ok((linear.forward(&cond.silu()?)?, cond))
     }
 
-    /// Full forward (SPEC §3.1): hidden_states x (B, C, H, W), encoder_hidden_states (B, L, caption_channels),
+    /// Full forward (docs/ALGORITHM.md §3.9): hidden_states x (B, C, H, W), encoder_hidden_states (B, L, caption_channels),
     /// flow time `timestep` (B,), guidance (B,) (student only, already scaled), encoder_attention_mask (B, L)
     /// {1 keep, 0 drop}. Returns the velocity (B, C_out, H, W) in the working dtype; its tangent is the JVP
     /// along the tangents of `x` and `timestep`.

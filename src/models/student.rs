@@ -1,5 +1,5 @@
-//! The trainable student (SPEC §8.3): a guidance-embedding `SanaTransformer2DModel` in TrigFlow form with the
-//! logvar head, held as f32 `Var`s in a `VarMap` (f32 master weights whatever the checkpoint dtype, §8.14 #3).
+//! The trainable student (docs/ALGORITHM.md §5.2): a guidance-embedding `SanaTransformer2DModel` in TrigFlow form with the
+//! logvar head, held as f32 `Var`s in a `VarMap` (f32 master weights whatever the checkpoint dtype, ALGORITHM.md §9 #3).
 //!
 //! Built either from the teacher checkpoint (the training start: teacher weights copied, the timestep embedder
 //! remapped, the guidance embedder and logvar head freshly initialised from a seeded generator) or from saved
@@ -24,7 +24,7 @@ use crate::{Error, Result};
 pub const GUIDANCE_INIT_STD: f64 = 0.02;
 
 /// How the student's guidance embedder `time_embed.guidance_embedder` (absent from the teacher) starts
-/// (SPEC §8.14 #2). Both choices make the guidance embedding exactly 0 at initialisation, so the student
+/// (docs/ALGORITHM.md §9 #2). Both choices make the guidance embedding exactly 0 at initialisation, so the student
 /// starts as the teacher; they differ in what can be learned.
 /// `--guidance_init` (`learnable` | `zero`).
 #[derive(
@@ -71,7 +71,7 @@ pub struct ComputeModels {
 
 /// Where each requested tensor's initial value comes from.
 enum Source {
-    /// A teacher checkpoint (`guidance_embeds = false` keys), per SPEC §8.3.
+    /// A teacher checkpoint (`guidance_embeds = false` keys), per docs/ALGORITHM.md §5.2.
     Teacher { guidance: GuidanceInit, seed: u64 },
     /// A saved student: every tensor by its own name.
     Student,
@@ -193,11 +193,11 @@ fn student_model(
 
 impl Student {
     /// Initialises the student from a diffusers teacher `transformer/` folder (`config.json` with
-    /// `guidance_embeds = false`, safetensors in any dtype), as the training script does (SPEC §8.3):
+    /// `guidance_embeds = false`, safetensors in any dtype), as the training script does (docs/ALGORITHM.md §5.2):
     /// `time_embed.timestep_embedder.*` ← `time_embed.emb.timestep_embedder.*`, every other backbone tensor
     /// copied 1:1, the guidance embedder per `guidance`, `logvar_linear` Xavier-uniform weight and zero bias.
     /// Fresh tensors are drawn from a generator seeded by `seed` (per tensor name). Self-attention stays the
-    /// checkpoint's linear attention (SPEC §8.14 #1; see [`Self::with_self_attention`]).
+    /// checkpoint's linear attention (docs/ALGORITHM.md §9 #1; see [`Self::with_self_attention`]).
     pub fn from_teacher(
         teacher_dir: &Path,
         guidance: GuidanceInit,
@@ -271,7 +271,7 @@ impl Student {
     }
 
     /// The same variables driving a model with the given self-attention (softmax reproduces the reference
-    /// script's processor swap, SPEC §8.14 #1).
+    /// script's processor swap, docs/ALGORITHM.md §9 #1).
     pub fn with_self_attention(mut self, kind: SelfAttention) -> Result<Self> {
         let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &self.device);
         self.model = student_model(&self.config, &vb, kind)?;
@@ -307,7 +307,7 @@ impl Student {
         self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
     }
 
-    /// The student computing in `dtype` (SPEC §8.14 #3: f32 master weights, bf16 compute): a model whose weights
+    /// The student computing in `dtype` (docs/ALGORITHM.md §9 #3: f32 master weights, bf16 compute): a model whose weights
     /// are `dtype` casts of the variables (its passes build a graph back to the f32 variables) and a frozen twin
     /// of the same casts (no graph). In f32 the models read the variables directly. Casts are snapshots: rebuild
     /// after every optimiser step (f32 models see `Var::set` updates in place).

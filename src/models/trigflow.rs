@@ -1,8 +1,8 @@
-//! TrigFlow wrapper (SPEC §8.4) and the logvar head.
+//! TrigFlow wrapper (docs/ALGORITHM.md §5.3) and the logvar head.
 //!
 //! The backbone is a flow-matching model in flow time τ ∈ [0, 1]; the wrapper turns it into a TrigFlow model in
 //! t ∈ [0, π/2]: τ = sin t / (cos t + sin t), ρ = √(τ² + (1−τ)²), x_in = ρ·x,
-//! F = ((1−2τ)·x_in + (1−2τ+2τ²)·v(x_in, τ)) / ρ. All wrapper arithmetic is f32 (SPEC §11) and is written over
+//! F = ((1−2τ)·x_in + (1−2τ+2τ²)·v(x_in, τ)) / ρ. All wrapper arithmetic is f32 (docs/ALGORITHM.md §8) and is written over
 //! [`Dual`], so tangents of both x and t flow through τ, ρ and the backbone: `forward` with tangents
 //! (v_x, v_t) returns dF, the JVP used by the sCM loss.
 
@@ -214,7 +214,7 @@ impl SanaTrigFlow {
     }
 
     /// logvar (B, 1) in f32 (f64 for an f64 model): `logvar_linear` on the time embedding `temb` of the TrigFlow time t itself (not τ),
-    /// with guidance when given — as the diffusers script does (SPEC §8.4 step 6, §8.14 #9).
+    /// with guidance when given — as the diffusers script does (docs/ALGORITHM.md §5.3 step 6, ALGORITHM.md §9 #9).
     pub fn logvar(&self, t: &Tensor, guidance: Option<&Tensor>) -> Result<Tensor> {
         let head = self.logvar_linear.as_ref().ok_or_else(|| {
             crate::Error::Arg(

@@ -1,4 +1,4 @@
-//! Convolution-like ops on NCHW tensors that candle lacks or runs slowly (SPEC §10): dense conv2d, 1x1 and
+//! Convolution-like ops on NCHW tensors that candle lacks or runs slowly (docs/ALGORITHM.md §10): dense conv2d, 1x1 and
 //! grouped 1x1 convs, pixel (un)shuffle, channel-group means. They are composed from tensor ops (pads, views,
 //! matmuls, element-wise maths), so they have a backward pass and run on every device; the one exception, the
 //! CPU gather behind [`conv2d`], only serves inputs that need no gradient. The depthwise convolutions live in

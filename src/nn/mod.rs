@@ -1,4 +1,4 @@
-//! Building blocks candle lacks (see docs/ALGORITHM.md, "Building blocks").
+//! Building blocks candle lacks (docs/ALGORITHM.md §10 "Ops candle lacks"; the layer maths they serve: §3).
 
 pub mod attention; // softmax, softmax attention, ReLU linear attention (Dual ops)
 pub mod checkpoint; // gradient checkpointing: recompute blocks in backward

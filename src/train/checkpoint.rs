@@ -1,4 +1,4 @@
-//! Training checkpoints (SPEC §8.11, recommended layout; §8.14 #7) and the final export (§8.12).
+//! Training checkpoints (docs/ALGORITHM.md §5.10, recommended layout; ALGORITHM.md §9 #7) and the final export (ALGORITHM.md §5.11).
 //!
 //! `output_dir/checkpoint-{global_step}/` holds:
 //! - `transformer/` — the student backbone in diffusers layout (`config.json` with `guidance_embeds: true` +
@@ -59,7 +59,7 @@ impl Phase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     pub checkpoint_version: u32,
-    /// Synced G and D steps together (SPEC §8.10).
+    /// Synced G and D steps together (docs/ALGORITHM.md §5.9).
     pub global_step: u64,
     pub phase: Phase,
     /// Generator updates = lr-scheduler steps.

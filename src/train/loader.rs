@@ -1,5 +1,5 @@
 //! The trainer's view of a latent store: seeded per-epoch shuffling that is reproducible across resume,
-//! background prefetch, and batches in the form the training step consumes (SPEC §8.2, §8.6; STORE.md).
+//! background prefetch, and batches in the form the training step consumes (docs/ALGORITHM.md §5.5, ALGORITHM.md §5.5; STORE.md).
 //!
 //! `x0 = latent · vae_scaling_factor · σd`; prompt embeddings are padded back to `max_sequence_length` with
 //! zeros and the mask rebuilt (ones then zeros); the negative embedding comes from the store's metadata.
@@ -29,7 +29,7 @@ pub struct LoaderPosition {
 pub struct LoaderOptions {
     pub batch_size: usize,
     pub seed: u64,
-    /// Drop the last incomplete batch of an epoch (SPEC §8.14 #11: the CFG concatenation needs full batches).
+    /// Drop the last incomplete batch of an epoch (docs/ALGORITHM.md §9 #11: the CFG concatenation needs full batches).
     pub drop_last: bool,
     /// Batches prepared ahead of the trainer. Batches are read concurrently (and each batch's rows), as many
     /// as keep every core busy; the others wait finished.

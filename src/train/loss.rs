@@ -1,6 +1,6 @@
-//! sCM and LADD loss arithmetic, timestep sampling (SPEC §8.5–§8.8).
+//! sCM and LADD loss arithmetic, timestep sampling (docs/ALGORITHM.md §5.4–§5.7).
 //!
-//! Pure tensor functions. Training calls them with f32 tensors (SPEC §11: time and loss maths in f32); they
+//! Pure tensor functions. Training calls them with f32 tensors (docs/ALGORITHM.md §8: time and loss maths in f32); they
 //! work in whatever float dtype they are given (tests use f64 for finite differences). Latent-shaped
 //! arguments are (B, C, H, W) (any rank ≥ 1 with the batch first); per-sample values t and logvar have B
 //! elements and are broadcast over the rest.
@@ -9,13 +9,13 @@ use candle_core::{DType, Tensor};
 
 use crate::{Error, Result};
 
-/// The constant c of the tangent normalisation g / (‖g‖₂ + c) (SPEC §8.7 step 7).
+/// The constant c of the tangent normalisation g / (‖g‖₂ + c) (docs/ALGORITHM.md §5.6 step 7).
 pub const TANGENT_NORM_CONST: f64 = 0.1;
 
-/// The literal 0.5 of the timestep sampler, kept rather than σd (SPEC §8.14 #13).
+/// The literal 0.5 of the timestep sampler, kept rather than σd (docs/ALGORITHM.md §9 #13).
 const SAMPLER_SCALE: f64 = 0.5;
 
-/// `compute_density_for_timestep_sampling_scm` (SPEC §8.5): TrigFlow time t = atan(exp(std·n + mean) / 0.5)
+/// `compute_density_for_timestep_sampling_scm` (docs/ALGORITHM.md §5.4): TrigFlow time t = atan(exp(std·n + mean) / 0.5)
 /// in (0, π/2) of standard normal draws n.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TimestepSampler {
@@ -53,8 +53,8 @@ impl TimestepSampler {
     }
 }
 
-/// Tangent warm-up factor r = min(1, global_step / warmup_steps) (SPEC §8.7 step 5); global_step counts G and
-/// D steps together (§8.10). No warm-up (r = 1) when `warmup_steps` is 0.
+/// Tangent warm-up factor r = min(1, global_step / warmup_steps) (docs/ALGORITHM.md §5.6 step 5); global_step counts G and
+/// D steps together (ALGORITHM.md §5.9). No warm-up (r = 1) when `warmup_steps` is 0.
 pub fn tangent_warmup(global_step: u64, warmup_steps: u64) -> f64 {
     if warmup_steps == 0 {
         1.0
@@ -78,7 +78,7 @@ fn per_sample(values: &Tensor, like: &Tensor) -> Result<Tensor> {
     Ok(values.reshape(shape)?)
 }
 
-/// The sCM tangent before normalisation (SPEC §8.7 step 6):
+/// The sCM tangent before normalisation (docs/ALGORITHM.md §5.6 step 6):
 /// g = −cos²t · (σd·F⁻ − dx_t/dt) − r · (cos t · sin t · x_t + σd · dF).
 ///
 /// `x_t` is the noisy latent in σd units (un-divided), `dxt_dt` the teacher's CFG velocity σd·F_T,
@@ -107,14 +107,14 @@ pub fn scm_tangent(
     Ok((consistency.neg()? - tangent.affine(r, 0.0)?)?)
 }
 
-/// Tangent normalisation g / (‖g‖₂ + c) with the L2 norm per sample over all non-batch axes (SPEC §8.7 step 7;
+/// Tangent normalisation g / (‖g‖₂ + c) with the L2 norm per sample over all non-batch axes (docs/ALGORITHM.md §5.6 step 7;
 /// c = [`TANGENT_NORM_CONST`] in the reference).
 pub fn normalize_tangent(g: &Tensor, c: f64) -> Result<Tensor> {
     let norm = g.flatten_from(1)?.sqr()?.sum(1)?.sqrt()?;
     Ok(g.broadcast_div(&per_sample(&(norm + c)?, g)?)?)
 }
 
-/// The sCM loss (SPEC §8.7 steps 8–9), a scalar:
+/// The sCM loss (docs/ALGORITHM.md §5.6 steps 8–9), a scalar:
 /// mean over all B·C·H·W elements of e^(−logvar)/(σd·tan t) · (F − F⁻ − g)² + logvar.
 ///
 /// `f` is the student output with its graph, `f_minus` the same values (stop-gradient is applied here, as
@@ -142,7 +142,7 @@ pub fn scm_loss(
     Ok(loss.mean_all()?)
 }
 
-/// Hinge loss of the discriminator heads (SPEC §8.8 step 7), a scalar:
+/// Hinge loss of the discriminator heads (docs/ALGORITHM.md §5.7 step 7), a scalar:
 /// 0.5 · (mean relu(1 − logits_real) + mean relu(1 + logits_fake)).
 pub fn hinge_d_loss(logits_real: &Tensor, logits_fake: &Tensor) -> Result<Tensor> {
     let real = logits_real.affine(-1.0, 1.0)?.relu()?.mean_all()?;
@@ -150,7 +150,7 @@ pub fn hinge_d_loss(logits_real: &Tensor, logits_fake: &Tensor) -> Result<Tensor
     Ok(((real + fake)? * 0.5)?)
 }
 
-/// Adversarial generator loss (SPEC §8.7 step 11), a scalar: −mean(logits) of the student's noised prediction.
+/// Adversarial generator loss (docs/ALGORITHM.md §5.6 step 11), a scalar: −mean(logits) of the student's noised prediction.
 pub fn generator_adv_loss(logits_fake: &Tensor) -> Result<Tensor> {
     Ok(logits_fake.mean_all()?.neg()?)
 }

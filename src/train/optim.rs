@@ -1,4 +1,4 @@
-//! The optimiser side of the trainer (SPEC §8.10): torch-exact AdamW over f32 master weights, global-norm gradient
+//! The optimiser side of the trainer (docs/ALGORITHM.md §5.9): torch-exact AdamW over f32 master weights, global-norm gradient
 //! clipping as `torch.nn.utils.clip_grad_norm_`, and the learning-rate schedules of diffusers' `get_scheduler`.
 
 use std::collections::HashMap;
@@ -37,7 +37,7 @@ struct ParamState {
     step: i64,
 }
 
-/// `torch.optim.AdamW` with a single parameter group (decay on every parameter, SPEC §8.14 #16) over f32 `Var`s
+/// `torch.optim.AdamW` with a single parameter group (decay on every parameter, docs/ALGORITHM.md §9 #16) over f32 `Var`s
 /// (master weights); the moments are f32 whatever dtype the model computes in. Parameters without a gradient in a
 /// step are skipped entirely (no decay, no step count), as in torch.
 pub struct AdamW {

@@ -1,9 +1,9 @@
-//! One phase of SANA-Sprint distillation as pure maths (SPEC §8.6–§8.9, recommended column of §8.14): the
+//! One phase of SANA-Sprint distillation as pure maths (docs/ALGORITHM.md §5.5–§5.8, recommended column of ALGORITHM.md §9): the
 //! generator (student) loss and the discriminator-head loss of one batch, with every random draw passed in.
 //!
 //! The trainer draws [`GeneratorDraws`] / [`DiscriminatorDraws`] from its seeded generator (order documented
 //! on [`GeneratorDraws::sample`]); the step-parity test injects the draws of the PyTorch statement of the
-//! reference maths instead. All time and loss arithmetic is f32 (§8.14 #10); models may compute in bf16.
+//! reference maths instead. All time and loss arithmetic is f32 (ALGORITHM.md §9 #10); models may compute in bf16.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -18,7 +18,7 @@ use crate::rng::SeededRng;
 use crate::train::loss::{self, TimestepSampler, TANGENT_NORM_CONST};
 use crate::{Error, Result};
 
-/// `--largest_timestep` default: the reference's literal 1.5708, slightly above π/2 (kept as given, SPEC §7).
+/// `--largest_timestep` default: the reference's literal 1.5708, slightly above π/2 (kept as given, docs/ALGORITHM.md §7; diffusers `SanaSprintPipeline.__call__` + `SCMScheduler.step`).
 #[allow(clippy::approx_constant)]
 pub const LARGEST_TIMESTEP: f64 = 1.5708;
 
@@ -375,9 +375,9 @@ fn student_pass(
     }
 }
 
-/// Phase G (SPEC §8.7): teacher CFG velocity, the student's exact JVP, the sCM loss with the logvar head, and
+/// Phase G (docs/ALGORITHM.md §5.6): teacher CFG velocity, the student's exact JVP, the sCM loss with the logvar head, and
 /// the LADD generator loss through the frozen teacher and the heads in eval mode. Only the student's
-/// variables should be updated from the returned loss (the heads' gradients are discarded, §8.14 #4).
+/// variables should be updated from the returned loss (the heads' gradients are discarded, ALGORITHM.md §9 #4).
 pub fn generator_loss(
     m: &Models,
     batch: &Batch,
@@ -525,7 +525,7 @@ pub fn generator_loss(
     })
 }
 
-/// Phase D (SPEC §8.8, recommended fixes #5 and #6): the student's no-grad prediction re-noised at a
+/// Phase D (docs/ALGORITHM.md §5.7, recommended fixes #5 and #6): the student's no-grad prediction re-noised at a
 /// discriminator time, real latents at the same time, heads in train mode (one power iteration per spectral
 /// convolution and forward: fake first, then real), hinge loss.
 pub fn discriminator_loss(

@@ -1,4 +1,4 @@
-//! The SANA-Sprint training loop (SPEC §8.6–§8.12): alternating generator and discriminator phases over batches
+//! The SANA-Sprint training loop (docs/ALGORITHM.md §5.5–§5.11): alternating generator and discriminator phases over batches
 //! of the latent store, gradient accumulation, global-norm clipping, NaN/Inf skips, the lr schedule, metrics,
 //! checkpoints with exact resume, validation images and the final diffusers export.
 //!

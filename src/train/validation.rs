@@ -1,7 +1,7 @@
-//! Validation images: few-step SCM sampling with the student (SPEC §7, as `SanaSprintPipeline.__call__` +
-//! `SCMScheduler`), DC-AE decoding, PNG grids.
+//! Validation images: few-step SCM sampling with the student (docs/ALGORITHM.md §7), as diffusers'
+//! `SanaSprintPipeline.__call__` + `SCMScheduler.step` do it, DC-AE decoding, PNG grids.
 //!
-//! The sampler runs the TrigFlow wrapper once per step — the recommended form of SPEC §8.12 / §8.14 #8 (the
+//! The sampler runs the TrigFlow wrapper once per step — the recommended form of docs/ALGORITHM.md §5.11 / ALGORITHM.md §9 #8 (the
 //! reference script's validation applies the wrapper twice). Noise comes in from the caller, so a seeded
 //! [`SeededRng`] makes [`Validator`] images reproducible.
 
@@ -32,7 +32,7 @@ pub const MAX_SEQUENCE_LENGTH: usize = 300;
 /// `SCMScheduler(num_train_timesteps=1000)`: the most inference steps it accepts.
 const NUM_TRAIN_TIMESTEPS: usize = 1000;
 
-/// The TrigFlow times of the sampling loop, `SCMScheduler.set_timesteps` (SPEC §7 step 3); the loop visits every
+/// The TrigFlow times of the sampling loop, `SCMScheduler.set_timesteps` (docs/ALGORITHM.md §7 step 3 (diffusers SCMScheduler.set_timesteps, schedulers/scheduling_scm.py)); the loop visits every
 /// entry but the last. Exactly one source: `custom` (num_steps + 1 entries, then `max_t` must be `None`),
 /// else `[max_t, intermediate, 0]` (only for 2 steps), else `linspace(max_t, 0, num_steps + 1)`.
 pub fn scm_timesteps(
@@ -100,7 +100,7 @@ fn trig_f32(t: f32) -> (f64, f64) {
     (t.cos() as f32 as f64, t.sin() as f32 as f64)
 }
 
-/// Few-step SCM sampling (SPEC §7 steps 4–7). `init_noise` (B, C, h, w) and `step_noise` (one (B, C, h, w)
+/// Few-step SCM sampling (docs/ALGORITHM.md §7 steps 4–7). `init_noise` (B, C, h, w) and `step_noise` (one (B, C, h, w)
 /// tensor per step, the last one multiplied by sin 0 = 0 when the schedule ends at 0) are unit normals;
 /// `prompt_embeds` (B, L, D) with `prompt_mask` (B, L) 0/1; `timesteps` as from [`scm_timesteps`] (rounded to f32
 /// as the scheduler stores them). The guidance input full(B, guidance_scale · guidance_embeds_scale) is passed
@@ -190,7 +190,7 @@ pub fn sample_scm(
     div_scalar(&denoised.expect("at least one step ran"), sigma)
 }
 
-/// Decodes diffusion latents z (B, C, h, w) into 8-bit RGB images (SPEC §7 steps 7–8): `vae.decode(z /
+/// Decodes diffusion latents z (B, C, h, w) into 8-bit RGB images (docs/ALGORITHM.md §7 steps 7–8): `vae.decode(z /
 /// scaling_factor)` in `vae_dtype` (the decoder's weight dtype), then round(clamp(x·0.5 + 0.5, 0, 1)·255)
 /// (half to even, as numpy) computed in f32.
 pub fn decode_images(
@@ -351,7 +351,7 @@ impl Default for ValidationSettings {
     }
 }
 
-/// Encodes validation prompts as the Sprint pipeline does (SPEC §6.1: complex human instruction,
+/// Encodes validation prompts as the Sprint pipeline does (docs/ALGORITHM.md §4.1–§4.2: complex human instruction,
 /// [`MAX_SEQUENCE_LENGTH`] tokens) with the text encoder of `pipeline_dir` in `dtype`, which is dropped
 /// afterwards. Returns the embeddings (P, 300, D) and the mask (P, 300).
 pub fn encode_prompts(

@@ -181,7 +181,7 @@ fn indivisible_or_wrong_inputs_are_rejected() {
         .contains("channels"));
 }
 
-/// The SANA 1.0 / 1.1 DC-AE `vae/config.json` (SPEC §1.2).
+/// The SANA 1.0 / 1.1 DC-AE `vae/config.json` (docs/ALGORITHM.md §2.2).
 const SANA_VAE_CONFIG: &str = include_str!("../../data/configs/dcae_f32c32_sana_vae.json");
 
 /// A VarBuilder backend that records every requested (name, shape) and hands out zero-stride tensors, so

@@ -23,7 +23,7 @@ const HEAD_ABS_TOL: f64 = 1e-5;
 const LOSS_REL_TOL: f64 = 1e-5;
 /// Logits and gradients through the tapped teacher: max abs error relative to the largest reference magnitude
 /// of the compared set (the teacher's f32 maths adds its own rounding; the eval-mode logits reach ~47 because
-/// the fixture's random u, v give a small σ, SPEC §8.14 #14).
+/// the fixture's random u, v give a small σ, docs/ALGORITHM.md §9 #14).
 const TAPPED_REL_TOL: f64 = 1e-5;
 
 fn scalar(t: &Tensor) -> f32 {
@@ -256,7 +256,7 @@ fn logits_on_the_tapped_teacher_and_their_gradients_match_torch() {
 
 #[test]
 fn gradient_reaches_every_head_parameter_and_the_features() {
-    // B = 10 -> two virtual batches of 5; fresh heads after a few power iterations (SPEC §8.14 #14)
+    // B = 10 -> two virtual batches of 5; fresh heads after a few power iterations (docs/ALGORITHM.md §9 #14)
     let (b, n, c) = (10, 12, 16);
     let dev = Device::Cpu;
     let heads = DiscHeads::new(&[1, 3], c, 7, &dev).unwrap();
@@ -333,7 +333,7 @@ fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
             assert!((norm - 1.0).abs() < 1e-6, "{name}.{buffer}: norm {norm}");
         }
     }
-    // Fresh heads already ran power iterations (SPEC §8.14 #14): σ = uᵀ W v is the top singular value,
+    // Fresh heads already ran power iterations (docs/ALGORITHM.md §9 #14): σ = uᵀ W v is the top singular value,
     // within 5% of what many more iterations give (the rate depends on the spectral gap), never the random,
     // possibly tiny or negative, value of raw u, v.
     for name in ["0.main.0.0", "1.main.1.fn.0", "3.cls"] {
@@ -412,7 +412,7 @@ fn fresh_heads_follow_torch_defaults_and_save_round_trips() {
     assert!(heads.forward_eval(&features(16)).is_ok());
 }
 
-// ------------------------------------------------------------------ loss arithmetic (SPEC §8.5–§8.8)
+// ------------------------------------------------------------------ loss arithmetic (docs/ALGORITHM.md §5.4–§5.7)
 
 struct LossFixture {
     io: HashMap<String, Tensor>,
@@ -548,7 +548,7 @@ fn timestep_sampler_matches_torch() {
     let rel = rel_err(&t, &fx.get("t_sampled"));
     println!("sampled t: max err relative to max |ref| {rel:.3e}");
     assert!(rel < LOSS_REL_TOL);
-    // SPEC §8.5 sanity values: the medians (n = 0)
+    // docs/ALGORITHM.md §5.4 sanity values: the medians (n = 0)
     let zero = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
     let student = scalar(&TimestepSampler::STUDENT.timesteps(&zero).unwrap());
     let disc = scalar(&TimestepSampler::DISCRIMINATOR.timesteps(&zero).unwrap());

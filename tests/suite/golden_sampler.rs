@@ -1,4 +1,4 @@
-//! Few-step SCM sampling (SPEC §7) against diffusers `SanaSprintPipeline` + `SCMScheduler` on a tiny student
+//! Few-step SCM sampling (docs/ALGORITHM.md §7; diffusers `SanaSprintPipeline.__call__`, `SCMScheduler.step`) against diffusers `SanaSprintPipeline` + `SCMScheduler` on a tiny student
 //! (fixture `sampler_tiny`, generator tools/golden/make_golden_sampler.py), decoded with the tiny pipeline's
 //! DC-AE; plus the grid writer and the timestep rules.
 //!

@@ -172,7 +172,7 @@ fn trigflow_outputs_and_logvar_match_diffusers() {
 }
 
 /// The working dtype may be bf16 (norms, softmax, attention sums and wrapper maths stay f32): loose tolerances.
-/// Tangents take the primal's dtype, so a bf16 JVP is coarse (SPEC §11 runs the JVP in f32).
+/// Tangents take the primal's dtype, so a bf16 JVP is coarse (docs/ALGORITHM.md §8 runs the JVP in f32).
 #[test]
 fn bf16_student_stays_close_to_the_f32_reference() {
     let tiny = tiny();
@@ -471,7 +471,7 @@ fn param_count(keys: &[(String, Vec<usize>)]) -> usize {
 }
 
 fn real_config(size: &str, guidance: bool) -> SanaConfig {
-    // the diffusers config.json of the Sprint checkpoints (SPEC §1.1); unlisted fields take the defaults
+    // the diffusers config.json of the Sprint checkpoints (docs/ALGORITHM.md §2.1); unlisted fields take the defaults
     let (heads, layers, cross_heads, cross_head_dim) = match size {
         "1.6B" => (70, 20, 20, 112),
         "0.6B" => (36, 28, 16, 72),

@@ -1,4 +1,4 @@
-//! Student initialisation from the teacher (SPEC §8.3, §8.14 #2, #3): every student tensor is either copied
+//! Student initialisation from the teacher (docs/ALGORITHM.md §5.2, ALGORITHM.md §9 #2, #3): every student tensor is either copied
 //! from the teacher (bit-equal after the f32 conversion) or initialised as specified; the student starts as the
 //! teacher (checked against the torch teacher's output of tests/fixtures/sana_transformer_tiny, f32, relative
 //! L2 < 1e-4); only the learnable guidance init lets training make the output depend on the guidance scale.

@@ -80,7 +80,7 @@ def make_heads(c, n):
 
 
 def trigflow_teacher(model, x, t, y, mask):
-    """SanaTrigFlow.forward without guidance/logvar, fp32 (SPEC §8.4)."""
+    """SanaTrigFlow.forward without guidance/logvar, fp32 (docs/ALGORITHM.md §5.3)."""
     tau = torch.sin(t) / (torch.cos(t) + torch.sin(t))
     tt = tau.view(-1, 1, 1, 1)
     rho = torch.sqrt(tt ** 2 + (1 - tt) ** 2)

@@ -9,7 +9,7 @@ below) and its inputs io.x, io.y, io.mask, io.t, io.guidance. Everything is floa
 Student: SanaTransformer2DModel(guidance_embeds=True) with the `student.*` weights and its default attention
 processors (ReLU linear self-attention, SDPA cross-attention), plus `logvar_linear` = nn.Linear(16, 1) with the
 `student.logvar_linear.*` weights, run through the SanaTrigFlow wrapper maths of train_sana_sprint_diffusers.py
-(SPEC §8.4; fp32, no dtype casts). Loss
+(docs/ALGORITHM.md §5.3; fp32, no dtype casts). Loss
     L_student = sum(F * io.student_cotangent) + sum(logvar * io.logvar_cotangent)
 Writes io.student_grad.{param} for every student parameter (logvar_linear included), io.student_grad_x and
 io.student_grad_t (d L / d x, d L / d t; t feeds both the wrapper and the logvar time embedding).
@@ -36,7 +36,7 @@ TAPS = [0, 1]
 
 
 def trigflow(model, x, t, y, mask, g):
-    """F of SanaTrigFlow.forward (SPEC §8.4) in fp32 without dtype casts."""
+    """F of SanaTrigFlow.forward (docs/ALGORITHM.md §5.3) in fp32 without dtype casts."""
     tau = torch.sin(t) / (torch.cos(t) + torch.sin(t))
     tt = tau.view(-1, 1, 1, 1)
     rho = torch.sqrt(tt ** 2 + (1 - tt) ** 2)

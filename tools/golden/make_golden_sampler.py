@@ -1,4 +1,4 @@
-"""Golden fixture for few-step SCM sampling (SPEC §7): tests/fixtures/sampler_tiny.{safetensors,json}.
+"""Golden fixture for few-step SCM sampling (docs/ALGORITHM.md §7; diffusers `SanaSprintPipeline.__call__`, `SCMScheduler.step`): tests/fixtures/sampler_tiny.{safetensors,json}.
 
 Runs the REAL diffusers `SanaSprintPipeline.__call__` (+ `SCMScheduler`) on the tiny pipeline
 datasets/tiny-sana-sprint/ (its tokenizer, text encoder, DC-AE and scheduler) with a student-shaped transformer:
@@ -12,7 +12,7 @@ datasets/tiny-sana-sprint/ (its tokenizer, text encoder, DC-AE and scheduler) wi
   f32) and passed as `prompt_embeds` / `prompt_attention_mask`, so the text encoder is out of the loop.
 * the initial noise goes in through `latents=` — the pipeline multiplies given latents by sigma_data exactly as
   drawn ones (`prepare_latents` returns them unchanged, then `latents = latents * sigma_data`), so the stored
-  `init_noise` is the unit-normal draw of SPEC §7 step 4;
+  `init_noise` is the unit-normal draw of docs/ALGORITHM.md §7 step 4;
 * the scheduler's per-step draw (`randn_tensor` in diffusers.schedulers.scheduling_scm, one per step, also on
   the last step where it is multiplied by sin 0 = 0) is monkeypatched to return the stored unit normals
   `step_noise.{i}` (the scheduler multiplies them by sigma_data).
@@ -181,7 +181,7 @@ def main():
     print("wrote", NAME, sum(t.numel() for t in tensors.values()), "values")
 
 
-# diffusers' default complex human instruction (SanaSprintPipeline.__call__), SPEC §6.1
+# diffusers' default complex human instruction (SanaSprintPipeline.__call__), docs/ALGORITHM.md §4.1–§4.2
 COMPLEX_HUMAN_INSTRUCTION = inspect.signature(SanaSprintPipeline.__call__).parameters[
     "complex_human_instruction"
 ].default

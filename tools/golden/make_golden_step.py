@@ -7,8 +7,8 @@ Writes tests/fixtures/train_step_tiny.{safetensors,json} (contract: notes/step-c
 `_class_name: SanaTrigFlow`, `guidance_embeds: true`; weights incl. logvar_linear.*), as the training script's
 final export does — input for tools/verify_export.py.
 
-What it states: the reference maths of train_sana_sprint_diffusers.py (SPEC §8.3–§8.9) with the *recommended*
-fixes of SPEC §8.14, in float32 on the CPU, with every random draw injected (stored under g.* / d.*, read back
+What it states: the reference maths of train_sana_sprint_diffusers.py (docs/ALGORITHM.md §5.2–§5.8) with the *recommended*
+fixes of docs/ALGORITHM.md §9, in float32 on the CPU, with every random draw injected (stored under g.* / d.*, read back
 by the Rust test, never drawn by torch inside the maths):
   #1 student self-attention stays diffusers' ReLU linear attention; only the cross-attention (attn2) gets a
      plain math softmax processor (same maths as SDPA; needed because torch.func.jvp has no rule for the fused
@@ -90,7 +90,7 @@ class MathCrossAttnProcessor:
 
 
 def trigflow(model, x, t, y, mask, guidance=None, logvar_linear=None):
-    """SanaTrigFlow.forward (SPEC §8.4) in fp32: F, and logvar = logvar_linear(time_embed(t, guidance)[1]) when
+    """SanaTrigFlow.forward (docs/ALGORITHM.md §5.3) in fp32: F, and logvar = logvar_linear(time_embed(t, guidance)[1]) when
     logvar_linear is given."""
     tau = torch.sin(t) / (torch.cos(t) + torch.sin(t))
     tt = tau.view(-1, 1, 1, 1)
@@ -106,7 +106,7 @@ def trigflow(model, x, t, y, mask, guidance=None, logvar_linear=None):
 
 
 def sample_t(normal, mean_std):
-    """compute_density_for_timestep_sampling_scm with the injected standard-normal draws (0.5 literal, §8.5)."""
+    """compute_density_for_timestep_sampling_scm with the injected standard-normal draws (0.5 literal, ALGORITHM.md §5.4)."""
     mean, std = mean_std
     return torch.atan(torch.exp(normal * std + mean) / 0.5)
 
@@ -136,7 +136,7 @@ class Discriminator:
 
 
 def build_student(teacher, gen):
-    """SPEC §8.3 with recommended #2: student (guidance_embeds=True) from the teacher weights + logvar_linear."""
+    """docs/ALGORITHM.md §5.2 with recommended #2: student (guidance_embeds=True) from the teacher weights + logvar_linear."""
     from diffusers import SanaTransformer2DModel
 
     cfg = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
@@ -251,7 +251,7 @@ def adamw_step(params, lr=LR):
 
 
 def phase_g(teacher, student, logvar_linear, heads, batch, g):
-    """SPEC §8.7 (recommended column); returns the outputs dict (g.out.*) and the stepped student."""
+    """docs/ALGORITHM.md §5.6 (recommended column); returns the outputs dict (g.out.*) and the stepped student."""
     sd = SIGMA_DATA
     x0, emb, mask = batch["x0"], batch["prompt_embeds"], batch["prompt_mask"]
     heads.eval()
@@ -316,7 +316,7 @@ def phase_g(teacher, student, logvar_linear, heads, batch, g):
 
 
 def phase_d(teacher, student, logvar_linear, heads, batch, d):
-    """SPEC §8.8 (recommended column); returns the outputs dict (d.out.*)."""
+    """docs/ALGORITHM.md §5.7 (recommended column); returns the outputs dict (d.out.*)."""
     sd = SIGMA_DATA
     x0, emb, mask = batch["x0"], batch["prompt_embeds"], batch["prompt_mask"]
     heads.train()
@@ -437,7 +437,7 @@ def main():
         logvar_linear_init="xavier uniform weight, zero bias",
         notes=["float32 throughout; G and D both start from the stored initial student and heads",
                "d.noise is drawn but unused: with train_largest_timestep every D sample is re-noised with "
-               "d.noise_largest (SPEC §8.8 step 2)",
+               "d.noise_largest (docs/ALGORITHM.md §5.7 step 2)",
                "largest_uniform draws are folded so both branches occur (G: sample 0 forced, D: sample 1)",
                "g.out.grad.* / d.out.grad.* are pre-clip; g.out.student.* / d.out.heads.* after one AdamW step",
                "extra outputs: g.out.x_t, g.out.tangent (normalised), g.out.t_prime, g.out.t_d, d.out.t, "

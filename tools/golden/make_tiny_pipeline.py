@@ -1,6 +1,6 @@
 """Write the tiny random SANA-Sprint pipeline (datasets/tiny-sana-sprint/) and the prompt-encoding fixture.
 
-The folder has the REAL diffusers layout (SPEC §1.5) so that the Rust loaders, the demo and the tests exercise the
+The folder has the REAL diffusers layout (docs/ALGORITHM.md §2.5) so that the Rust loaders, the demo and the tests exercise the
 same code paths as a real checkpoint, at a few MB:
 
     model_index.json                      SanaSprintPipeline (SanaPipeline.from_pretrained loads it too)
@@ -36,7 +36,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 OUT = os.path.join(ROOT, "datasets", "tiny-sana-sprint")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
-# diffusers' default COMPLEX_HUMAN_INSTRUCTION (single-quote version), SPEC §6.1
+# diffusers' default COMPLEX_HUMAN_INSTRUCTION (single-quote version), docs/ALGORITHM.md §4.1–§4.2
 CHI = [
     "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",
     "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",

@@ -16,14 +16,14 @@ transformers 5.23. Each subcommand prints one result line and appends one JSON l
                                            --mixed_precision bf16 --train_largest_timestep --misaligned_pairs_D:
                                            s per G and D step (encoding timed separately), peak GPU memory, GPU busy %
 
-The training step follows SPEC §8.3–§8.9 *as written* (the reference's behaviour, bugs included): student and
+The training step follows docs/ALGORITHM.md §5.2–§5.8 *as written* (the reference's behaviour, bugs included): student and
 teacher cast to bf16 (weights and AdamW state in bf16), forwards under bf16 autocast (what accelerate's
 prepare() does), student attention processors swapped to a softmax "vanilla" processor, guidance embedder
 zero-initialised, teacher CFG velocity with the unconditional half first, torch.func.jvp through the student,
 the sCM loss with tangent warm-up and normalisation, the LADD generator loss through the teacher with forward
 hooks and spectral-norm heads, the G backward leaving gradients in the heads, AdamW steps with clipping at 0.1;
 D: the largest-timestep branch with 0.5 (as written), hinge loss. One deviation: with --misaligned_pairs_D and a
-batch > 1 the script as written crashes (the real call gets the doubled prompts, SPEC §8.8 step 5); here the
+batch > 1 the script as written crashes (the real call gets the doubled prompts, docs/ALGORITHM.md §5.7 step 5); here the
 doubled prompts go to the fake call only. The VAE (f32) and Gemma (bf16) stay on the GPU during training, as in
 the script, and every batch is encoded (timed separately, `encode_s`).
 
@@ -479,7 +479,7 @@ def bench_encode(args):
 # ---------------------------------------------------------------------------------------------------- training step
 
 class VanillaAttnProcessor:
-    """The script's SanaVanillaAttnProcessor (SPEC §8.3): softmax attention written with explicit matmuls, so that
+    """The script's SanaVanillaAttnProcessor (docs/ALGORITHM.md §5.2): softmax attention written with explicit matmuls, so that
     torch.func.jvp can differentiate it; set on every attention module of the student."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
@@ -508,7 +508,7 @@ class VanillaAttnProcessor:
 
 
 class TrigFlow(nn.Module):
-    """SanaTrigFlow (SPEC §8.4): TrigFlow time t -> flow time, input scaling, backbone, output transform; the
+    """SanaTrigFlow (docs/ALGORITHM.md §5.3): TrigFlow time t -> flow time, input scaling, backbone, output transform; the
     student variant adds logvar_linear on the time embedding of t. Forwards run under bf16 autocast."""
 
     def __init__(self, model, guidance, autocast):
@@ -545,7 +545,7 @@ class TrigFlow(nn.Module):
 
 
 def disc_heads(channels, n, device):
-    """SanaMSCMDiscriminator's DiscHeads (SPEC §8.9): spectral-norm conv1d blocks with BatchNormLocal."""
+    """SanaMSCMDiscriminator's DiscHeads (docs/ALGORITHM.md §5.8): spectral-norm conv1d blocks with BatchNormLocal."""
     from torch.nn.utils.spectral_norm import SpectralNorm
 
     def sconv(cin, cout, k, circular):
@@ -791,7 +791,7 @@ def bench_train_step(args):
          dict(config=args.config, layers=n_layers, resolution=res, batch=batch,
               gradient_checkpointing=args.gradient_checkpointing, mixed_precision="bf16", steps=steps,
               prompt_tokens=seq_len, train_largest_timestep=True, misaligned_pairs_D=True, head_block_ids=block_ids,
-              setup_s=setup_s, what="train_sana_sprint_diffusers.py step as written (SPEC §8.6-§8.9)"),
+              setup_s=setup_s, what="train_sana_sprint_diffusers.py step as written (docs/ALGORITHM.md §5.5–§5.8)"),
          metrics, notes)
 
 

@@ -342,7 +342,7 @@ fn dcae(ctx: &Ctx, a: &DcaeArgs) -> Result<Record> {
         bench: "dcae",
         key: dcae_key(ctx.smoke, a),
         params: json!({"batch": batch, "resolution": res, "dtype": "f32", "iters": times.len(),
-                       "model": "DC-AE f32c32 encoder (SPEC §1.2), random weights"}),
+                       "model": "DC-AE f32c32 encoder (docs/ALGORITHM.md §2.2), random weights"}),
         metrics,
         notes,
     })
@@ -404,7 +404,7 @@ fn gemma(ctx: &Ctx, a: &GemmaArgs) -> Result<Record> {
         bench: "gemma",
         key: gemma_key(ctx.smoke, a),
         params: json!({"batch": a.batch, "tokens": tokens, "dtype": dt, "layers": layers, "vocab": vocab,
-                       "iters": times.len(), "model": "Gemma-2-2B encoder (SPEC §1.3), random weights"}),
+                       "iters": times.len(), "model": "Gemma-2-2B encoder (docs/ALGORITHM.md §2.3), random weights"}),
         metrics,
         notes,
     })
