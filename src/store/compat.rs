@@ -160,7 +160,8 @@ pub fn check_fits_teacher(
 impl StoreConfig {
     /// The settings that must agree for two runs to write into one store; returns the first difference.
     pub fn incompatibility(&self, other: &StoreConfig) -> Option<String> {
-        let pairs: [(&str, String, String); 10] = [
+        let (p, q) = (&self.preprocess, &other.preprocess);
+        let pairs: [(&str, String, String); 13] = [
             (
                 "format_version",
                 self.format_version.to_string(),
@@ -206,10 +207,19 @@ impl StoreConfig {
                 self.models.tokenizer.fingerprint.clone(),
                 other.models.tokenizer.fingerprint.clone(),
             ),
+            // Every `preprocess` field by name: `mixed_precision` changes the stored embeddings (bf16 vs f32
+            // Gemma-2), the others the latents.
             (
-                "preprocess",
-                serde_json::to_string(&self.preprocess).unwrap_or_default(),
-                serde_json::to_string(&other.preprocess).unwrap_or_default(),
+                "preprocess.mixed_precision",
+                p.mixed_precision.clone(),
+                q.mixed_precision.clone(),
+            ),
+            ("preprocess.resize", p.resize.clone(), q.resize.clone()),
+            ("preprocess.crop", p.crop.clone(), q.crop.clone()),
+            (
+                "preprocess.normalize",
+                p.normalize.clone(),
+                q.normalize.clone(),
             ),
         ];
         pairs

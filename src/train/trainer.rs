@@ -346,6 +346,13 @@ fn validator(opts: &TrainOptions, resolution: usize) -> Result<Option<Validator>
     )?))
 }
 
+/// `output_dir/train_config.json`: the options of the run.
+fn write_train_config(opts: &TrainOptions) -> Result<()> {
+    let path = opts.output_dir.join("train_config.json");
+    let json = serde_json::to_string_pretty(&opts.config_json).expect("JSON serialises");
+    std::fs::write(&path, json).map_err(|e| Error::io(&path, e))
+}
+
 fn progress_bar(show: bool, steps: u64, position: u64) -> ProgressBar {
     let bar = if show {
         let bar = ProgressBar::new(steps);
@@ -480,12 +487,7 @@ impl<'a> Trainer<'a> {
         let student_config = checkpoint::student_config_json(&teacher_dir)?;
 
         // output folder: config, metrics continued without duplicates
-        let config_path = opts.output_dir.join("train_config.json");
-        std::fs::write(
-            &config_path,
-            serde_json::to_string_pretty(&opts.config_json).expect("JSON serialises"),
-        )
-        .map_err(|e| Error::io(&config_path, e))?;
+        write_train_config(opts)?;
         let metrics = MetricsLog::open(
             &opts.output_dir,
             resume_dir.is_some().then_some(state.global_step),
@@ -712,7 +714,11 @@ impl<'a> Trainer<'a> {
     /// heads with buffers, both optimiser states, trainer state) atomically, then prunes to
     /// `--checkpoints_total_limit`.
     fn maybe_checkpoint(&mut self) -> Result<()> {
-        if self.state.global_step % self.opts.checkpointing_steps != 0 {
+        if !self
+            .state
+            .global_step
+            .is_multiple_of(self.opts.checkpointing_steps)
+        {
             return Ok(());
         }
         let dir = checkpoint::write_atomically(
@@ -743,7 +749,7 @@ impl<'a> Trainer<'a> {
             return Ok(());
         };
         let step = self.state.global_step;
-        if step % every == 0 && step < self.max_train_steps {
+        if step.is_multiple_of(every) && step < self.max_train_steps {
             let path = v.run(&self.compute.frozen, step, &self.opts.output_dir)?;
             self.bar
                 .println(format!("validation images: {}", path.display()));

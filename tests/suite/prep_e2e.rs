@@ -1,5 +1,5 @@
 //! End-to-end tests of sprint-prep on the embedded tiny pipeline: fresh run, rerun, added shard, killed run,
-//! bad rows, settings refusal, input errors, and the store read back field by field against STORE.md.
+//! bad rows, settings refusals (each compared setting), input errors, and the store read back field by field against STORE.md.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
@@ -11,9 +11,10 @@ use arrow_array::{Array, ArrayRef, BinaryArray, RecordBatch, StringArray, Struct
 use arrow_schema::{DataType, Field, Schema};
 use candle_core::{DType, Tensor};
 use half::f16;
+use sana_sprint::device::MixedPrecision;
 use sana_sprint::hub::HubConfig;
 use sana_sprint::prep::{self, PrepOptions};
-use sana_sprint::store::{LatentStore, StoreDType, CONFIG_KEY};
+use sana_sprint::store::{columns, LatentRow, LatentStore, StoreConfig, StoreDType, CONFIG_KEY};
 
 const RES: u32 = 64;
 
@@ -140,16 +141,18 @@ fn fresh_run_matches_the_store_contract_field_by_field() {
     let schema = store.dataset().schema();
     let arrow: arrow_schema::Schema = schema.into();
     let ty = |n: &str| arrow.field_with_name(n).unwrap().data_type().clone();
-    assert_eq!(ty("id"), DataType::Utf8);
-    assert_eq!(ty("caption"), DataType::Utf8);
-    assert!(matches!(ty("latent"), DataType::List(f) if f.data_type() == &DataType::Float32));
+    assert_eq!(ty(columns::ID), DataType::Utf8);
+    assert_eq!(ty(columns::CAPTION), DataType::Utf8);
     assert!(
-        matches!(ty("latent_shape"), DataType::FixedSizeList(f, 3) if f.data_type() == &DataType::Int32)
+        matches!(ty(columns::LATENT), DataType::List(f) if f.data_type() == &DataType::Float32)
     );
     assert!(
-        matches!(ty("prompt_embeds"), DataType::List(f) if f.data_type() == &DataType::Float16)
+        matches!(ty(columns::LATENT_SHAPE), DataType::FixedSizeList(f, 3) if f.data_type() == &DataType::Int32)
     );
-    assert_eq!(ty("prompt_len"), DataType::Int32);
+    assert!(
+        matches!(ty(columns::PROMPT_EMBEDS), DataType::List(f) if f.data_type() == &DataType::Float16)
+    );
+    assert_eq!(ty(columns::PROMPT_LEN), DataType::Int32);
     // Metadata: every field STORE.md lists.
     let meta: serde_json::Value = serde_json::from_str(&arrow.metadata[CONFIG_KEY]).unwrap();
     for key in [
@@ -458,6 +461,137 @@ fn mixing_settings_is_refused_unless_overwrite() {
     let r = prep::run(&o, &hub()).unwrap();
     assert_eq!(r.rows_written, 2);
     assert_eq!(LatentStore::open(&out).unwrap().config().resolution, 96);
+}
+
+/// Copies a directory tree (a Lance store or a model folder).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// What a refusal must leave untouched: the Lance version, the settings and every row.
+fn snapshot(store: &Path) -> (u64, StoreConfig, Vec<LatentRow>) {
+    let s = LatentStore::open(store).unwrap();
+    let mut rows = s.read_all().unwrap();
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
+    (s.version(), s.config().clone(), rows)
+}
+
+/// A copy of the tiny pipeline whose `<part>/config.json` has the same meaning but other bytes (so another
+/// fingerprint): the kind of change a re-downloaded or edited model folder makes.
+fn pipeline_with_touched_config(dir: &Path, part: &str) -> PathBuf {
+    let model = dir.join(format!("model-{part}"));
+    copy_dir(&tiny_model(), &model);
+    let cfg = model.join(part).join("config.json");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n\n");
+    std::fs::write(&cfg, text).unwrap();
+    model
+}
+
+#[test]
+fn each_compared_setting_is_refused_leaving_the_store_unchanged_and_overwrite_replaces_it() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("train_000.parquet");
+    shard_from(&a, &good_rows(2, 60));
+    let base = d.path().join("base.lance");
+    prep::run(&opts(&[&a], &base), &hub()).unwrap();
+    let base_cfg = LatentStore::open(&base).unwrap().config().clone();
+    assert_eq!(base_cfg.preprocess.mixed_precision, "bf16");
+    assert_eq!(base_cfg.latent_dtype, StoreDType::Float32);
+    assert_eq!(base_cfg.embed_dtype, StoreDType::Float16);
+    assert!(base_cfg.complex_human_instruction.is_some());
+
+    let vae_model = pipeline_with_touched_config(d.path(), "vae");
+    let te_model = pipeline_with_touched_config(d.path(), "text_encoder");
+    type Change = Box<dyn Fn(&mut PrepOptions)>;
+    type Applied = fn(&StoreConfig, &StoreConfig) -> bool;
+    let cases: Vec<(&str, Change, &str, Applied)> = vec![
+        (
+            "instruction",
+            Box::new(|o| o.complex_human_instruction = false),
+            "complex_human_instruction differs",
+            |old, new| {
+                old.complex_human_instruction.is_some() && new.complex_human_instruction.is_none()
+            },
+        ),
+        (
+            "latent dtype",
+            Box::new(|o| o.latent_dtype = StoreDType::Float16),
+            "latent_dtype differs",
+            |_, new| new.latent_dtype == StoreDType::Float16,
+        ),
+        (
+            "embed dtype",
+            Box::new(|o| o.embed_dtype = StoreDType::Float32),
+            "embed_dtype differs",
+            |_, new| new.embed_dtype == StoreDType::Float32,
+        ),
+        (
+            "mixed precision",
+            Box::new(|o| o.mixed_precision = MixedPrecision::No),
+            "preprocess.mixed_precision differs: store has bf16, this run has no",
+            |_, new| new.preprocess.mixed_precision == "no",
+        ),
+        (
+            "vae fingerprint",
+            Box::new(move |o| o.pretrained_model_name_or_path = vae_model.display().to_string()),
+            "vae fingerprint differs",
+            |old, new| {
+                old.models.vae.fingerprint != new.models.vae.fingerprint
+                    && old.models.text_encoder.fingerprint == new.models.text_encoder.fingerprint
+            },
+        ),
+        (
+            "text encoder fingerprint",
+            Box::new(move |o| o.pretrained_model_name_or_path = te_model.display().to_string()),
+            "text_encoder fingerprint differs",
+            |old, new| {
+                old.models.text_encoder.fingerprint != new.models.text_encoder.fingerprint
+                    && old.models.vae.fingerprint == new.models.vae.fingerprint
+            },
+        ),
+    ];
+    for (name, change, says, applied) in cases {
+        let out = d.path().join(format!("{}.lance", name.replace(' ', "-")));
+        copy_dir(&base, &out);
+        let before = snapshot(&out);
+        let mut o = opts(&[&a], &out);
+        change(&mut o);
+        let err = prep::run(&o, &hub())
+            .expect_err(&format!("{name}: writing into the store must be refused"))
+            .to_string();
+        assert!(
+            err.contains(says) && err.contains("--overwrite"),
+            "{name}: the refusal must name the setting and --overwrite: {err}"
+        );
+        let after = snapshot(&out);
+        assert_eq!(after.0, before.0, "{name}: a refused run must not commit");
+        assert_eq!(after.1, before.1, "{name}: settings changed");
+        assert!(after.2 == before.2, "{name}: rows changed");
+
+        o.overwrite = true;
+        let r = prep::run(&o, &hub()).unwrap();
+        assert_eq!((r.rows_written, r.rows_already_stored), (2, 0), "{name}");
+        let (version, cfg, rows) = snapshot(&out);
+        assert!(
+            version > before.0,
+            "{name}: --overwrite writes a new Lance version"
+        );
+        assert!(
+            applied(&base_cfg, &cfg),
+            "{name}: the new settings were not stored"
+        );
+        assert_eq!(rows.len(), 2, "{name}");
+    }
 }
 
 #[test]
