@@ -107,7 +107,7 @@ fn train_config_json_records_every_flag_with_its_value() {
         "train_batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "cosine_with_restarts",
         "mixed_precision": "no", "guidance_init": "learnable", "self_attention": "linear",
         "misaligned_pairs_d": true, "head_block_ids": [2, 8, 14, 19], "scm_cfg_scale": [4.0, 4.5, 5.0],
-        "validation_timesteps": [1.5708, 1.3], "device": "cpu", "dataloader_num_workers": 4,
+        "device": "cpu", "dataloader_num_workers": 4,
         "output_dir": "demo-output/train", "resume_from_checkpoint": "latest", "demo": true,
         "logit_mean_discriminator": -0.6, "adam_epsilon": 1e-8, "adam_weight_decay": 1e-4,
     });
