@@ -1,6 +1,7 @@
 //! sprint-prep: parquet shards of image/caption pairs -> a Lance latent store (DC-AE latents + Gemma-2 prompt
 //! embeddings, exactly as diffusers' training script computes them).
 
+use sana_sprint::cli::CliArgs;
 use std::path::Path;
 use std::process::ExitCode;
 

@@ -2,6 +2,7 @@
 //! Flag names and meanings follow train_sana_sprint_diffusers.py; the flags and their defaults live in
 //! `sana_sprint::cli::train`.
 
+use sana_sprint::cli::CliArgs;
 use std::process::ExitCode;
 
 use sana_sprint::cli::train::TrainArgs;

@@ -90,15 +90,27 @@ fn defaults_of(
         .collect()
 }
 
-/// Parses `args` (program name first) with `cmd`, which must be built from `T`.
-fn parse_with<T: FromArgMatches, I, S>(cmd: Command, args: I) -> Result<T, clap::Error>
-where
-    I: IntoIterator<Item = S>,
-    S: Into<OsString> + Clone,
-{
-    let mut cmd = cmd;
-    let matches = cmd.try_get_matches_from_mut(args)?;
-    T::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+/// What both binaries' argument types share: their clap command (with the library defaults in the help) and
+/// parsing through it.
+pub trait CliArgs: FromArgMatches + Sized {
+    /// The clap command, with each tunable's library default in its help.
+    fn command() -> Command;
+
+    /// Parses the process's arguments; prints the error or help and exits on bad input.
+    fn parse_args() -> Self {
+        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (program name first).
+    fn try_parse_args<I, S>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString> + Clone,
+    {
+        let mut cmd = Self::command();
+        let matches = cmd.try_get_matches_from_mut(args)?;
+        Self::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+    }
 }
 
 /// Every long flag of `binary` (`sprint-prep` or `sprint-train`) with the default its `--help` shows (see

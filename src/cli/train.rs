@@ -4,7 +4,6 @@
 //! [`StepSettings::default`]: crate::train::step::StepSettings
 //! [`AdamWConfig::default`]: crate::train::optim::AdamWConfig
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser};
@@ -232,21 +231,13 @@ pub fn shown_defaults() -> Vec<(String, String)> {
     super::defaults_of(&command(), &tunables(), &REQUIRED)
 }
 
+impl super::CliArgs for TrainArgs {
+    fn command() -> clap::Command {
+        command()
+    }
+}
+
 impl TrainArgs {
-    /// Parses the process's arguments; prints the error or help and exits on bad input.
-    pub fn parse_args() -> Self {
-        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
-    }
-
-    /// Parses `args` (program name first).
-    pub fn try_parse_args<I, S>(args: I) -> std::result::Result<Self, clap::Error>
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<OsString> + Clone,
-    {
-        super::parse_with(command(), args)
-    }
-
     /// `--demo`: the settings of the demo run, for every flag the user did not pass.
     fn apply_demo(&mut self) {
         if !self.demo {

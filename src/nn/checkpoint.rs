@@ -215,20 +215,8 @@ impl Recompute {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::max_abs_diff;
     use candle_core::Device;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// A three-segment chain with a shared input read by two segments and a bf16 cast of an f32 weight, against
     /// one plain backward over the whole graph.

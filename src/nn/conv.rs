@@ -394,20 +394,8 @@ pub fn repeat_interleave_channels(x: &Tensor, repeats: usize) -> Result<Tensor> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::test_util::max_abs_diff;
     use candle_core::{Device, IndexOp};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn conv2d_matches_candle() -> Result<()> {

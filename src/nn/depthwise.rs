@@ -263,20 +263,8 @@ fn depthwise_shifted_sum(
 mod tests {
     use super::*;
     use crate::nn::dual::tests::check_rule;
+    use crate::nn::test_util::max_abs_diff;
     use candle_core::Device;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn channels_last_tangent_rule_agrees_with_central_differences() -> Result<()> {

@@ -7,3 +7,23 @@ pub mod depthwise; // the two depthwise convs: channels-last (Dual, custom backw
 pub mod dual; // Dual (primal + tangent) tensors, their elementwise rules, Linear, timestep features
 pub mod frozen; // matmul with a frozen weight: backward skips the weight gradient
 pub mod norm; // LayerNorm, RMSNorm (Dual, last dim) and channel RMSNorm (NCHW)
+
+/// Helpers shared by the unit tests of this module's files.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// Largest |a − b| of two f32 tensors of one shape.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}

@@ -1,6 +1,7 @@
 //! The command lines: every default comes from the library options, `--demo` only fills flags the user did not
 //! pass, `train_config.json` records every value in effect, and the README's flag tables match the binaries.
 
+use sana_sprint::cli::CliArgs;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

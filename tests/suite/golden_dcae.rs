@@ -50,26 +50,15 @@ fn io(name: &str, key: &str) -> Tensor {
         .unwrap()
 }
 
-/// Asserts `got` matches `want` within TOLERANCE and prints the max abs / max relative error.
+/// Asserts `got` matches `want` within TOLERANCE (max abs) and prints the error relative to max |ref| too.
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let err = (got - want).unwrap().abs().unwrap().flatten_all().unwrap();
-    let max_abs = err.max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (max_abs, scale) = (common::max_abs_diff(got, want), common::max_abs(want));
     println!(
         "{what}: max abs err {max_abs:.3e}, relative to max |ref| {:.3e} (max |ref| = {scale:.3})",
         max_abs / scale
     );
     assert!(
-        max_abs <= TOLERANCE,
+        max_abs <= f64::from(TOLERANCE),
         "{what}: max abs err {max_abs} > {TOLERANCE}"
     );
 }
