@@ -430,8 +430,6 @@ impl<'a> Trainer<'a> {
         let store_rows = store.len()?;
 
         let resume_dir = resume_dir(opts)?;
-        std::fs::create_dir_all(&opts.output_dir).map_err(|e| Error::io(&opts.output_dir, e))?;
-        checkpoint::remove_partial(&opts.output_dir)?;
         let resumed = match &resume_dir {
             Some(dir) => Some(resumed_state(dir, opts, store_rows)?),
             None => None,
@@ -451,6 +449,9 @@ impl<'a> Trainer<'a> {
             sigma_data: opts.step.sigma_data as f32,
         };
         let loader = StoreLoader::start(store, &loader_options, start)?;
+        // every refusal above writes nothing; from here on the run owns the output folder
+        std::fs::create_dir_all(&opts.output_dir).map_err(|e| Error::io(&opts.output_dir, e))?;
+        checkpoint::remove_partial(&opts.output_dir)?;
         let updates_per_epoch = loader
             .batches_per_epoch()
             .div_ceil(opts.gradient_accumulation_steps as u64);

@@ -1,6 +1,6 @@
 //! sprint-train refuses what it cannot do exactly, before writing anything: a resume with another store or other
 //! batch settings, a teacher of another width or latent channel count, head blocks beyond the teacher's depth,
-//! and `--checkpoints_total_limit 0`. A limit of 1 works with resume. Setup helpers live in `train_loop`.
+//! a store with fewer rows than one batch, and `--checkpoints_total_limit 0`. A limit of 1 works with resume. Setup helpers live in `train_loop`.
 
 use std::path::Path;
 
@@ -192,6 +192,23 @@ fn checkpoints_total_limit_zero_is_rejected() {
     let err = trainer::run(&o).unwrap_err().to_string();
     assert!(
         err.contains("--checkpoints_total_limit must be at least 1"),
+        "{err}"
+    );
+    assert!(
+        !o.output_dir.exists(),
+        "a refused run wrote {}",
+        o.output_dir.display()
+    );
+}
+
+#[test]
+fn a_store_smaller_than_one_batch_is_refused_before_writing() {
+    let out = tempfile::tempdir().unwrap();
+    let mut o = options(&out.path().join("run"));
+    o.train_batch_size = 64; // the demo store holds 24 rows
+    let err = trainer::run(&o).unwrap_err().to_string();
+    assert!(
+        err.contains("less than one batch of 64 (--train_batch_size)"),
         "{err}"
     );
     assert!(
