@@ -6,16 +6,14 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor};
 use sana_sprint::models::dcae::{
     Activation, AutoencoderDc, BlockType, DcaeConfig, DcaeEncoder, DownsampleType, NormType,
     PerStage, UpsampleType,
 };
 use sana_sprint::models::weights::Weights;
+use sana_sprint::synth;
 use sana_sprint::Error;
 
 /// f32 parity tolerance (max abs error) for every output compared here.
@@ -173,39 +171,6 @@ fn indivisible_or_wrong_inputs_are_rejected() {
 /// The SANA 1.0 / 1.1 DC-AE `vae/config.json` (docs/ALGORITHM.md §2.2).
 const SANA_VAE_CONFIG: &str = include_str!("../../data/configs/dcae_f32c32_sana_vae.json");
 
-/// A VarBuilder backend that records every requested (name, shape) and hands out zero-stride tensors, so
-/// that the real-size model is built by its normal constructor without allocating its weights.
-/// (parameter name, shape) in request order.
-type Requests = Vec<(String, Vec<usize>)>;
-
-#[derive(Clone, Default)]
-struct ShapeRecorder(Arc<Mutex<Requests>>);
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((name.to_string(), s.dims().to_vec()));
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("shape recorder: unchecked get of {name}")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 #[test]
 fn sana_config_builds_exactly_the_checkpoint_keys() {
     let cfg: DcaeConfig = serde_json::from_str(SANA_VAE_CONFIG).unwrap();
@@ -214,18 +179,15 @@ fn sana_config_builds_exactly_the_checkpoint_keys() {
     assert_eq!(cfg.decoder_act_fns, PerStage::All(Activation::Silu));
     assert_eq!(cfg.downsample_block_type, DownsampleType::Conv);
     assert_eq!(cfg.upsample_block_type, UpsampleType::Interpolate);
-    let recorder = ShapeRecorder::default();
-    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::BF16, Device::Cpu);
-    let ae = AutoencoderDc::new(cfg, vb).unwrap();
-    assert_eq!(ae.spatial_compression(), 32);
-
-    let requested = recorder.0.lock().unwrap().clone();
-    let built: BTreeMap<String, Vec<usize>> = requested.iter().cloned().collect();
-    assert_eq!(
-        built.len(),
-        requested.len(),
-        "a parameter was requested twice"
-    );
+    // synth::record_keys builds the real-size model without allocating it and refuses names requested twice
+    let mut spatial = 0;
+    let requested = synth::record_keys(|vb| {
+        spatial = AutoencoderDc::new(cfg, vb)?.spatial_compression();
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(spatial, 32);
+    let built: BTreeMap<String, Vec<usize>> = requested.into_iter().collect();
 
     let expected = common::reference_keys("dcae_f32c32_sana_vae.txt");
     assert_eq!(expected.len(), 375);
