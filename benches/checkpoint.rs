@@ -280,21 +280,16 @@ fn time(label: &str, iters: usize, mut f: impl FnMut() -> anyhow::Result<GradSto
     median
 }
 
-/// A `VmXXX:` field of /proc/self/status in MiB.
-fn proc_status_mib(field: &str) -> Option<f64> {
-    sana_sprint::system::proc_status_bytes(field).map(|b| b as f64 / 1048576.0)
-}
-
 /// Child process: sets up, warms up, resets the high-water mark, runs `pass` once and prints
 /// `resident <MiB> peak <MiB> reset <bool>`.
 fn measure_memory(pass: Pass, options: &Options) -> anyhow::Result<()> {
     let bench = Bench::new(options)?;
     drop(bench.run(pass)?);
-    let resident = proc_status_mib("VmRSS:").unwrap_or(f64::NAN);
+    let resident = sana_sprint::system::proc_status_mib("VmRSS:").unwrap_or(f64::NAN);
     // "5" resets VmHWM to the current RSS (Linux ≥ 4.0)
-    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let reset = sana_sprint::system::reset_peak_rss();
     let grads = bench.run(pass)?;
-    let peak = proc_status_mib("VmHWM:").unwrap_or(f64::NAN);
+    let peak = sana_sprint::system::proc_status_mib("VmHWM:").unwrap_or(f64::NAN);
     drop(grads);
     println!("resident {resident} peak {peak} reset {reset}");
     Ok(())

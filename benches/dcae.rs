@@ -11,15 +11,6 @@ use candle_nn::VarBuilder;
 use sana_sprint::models::dcae::{DcaeConfig, DcaeEncoder};
 use sana_sprint::synth::{DeviceRandom, NormWeights, SANA_VAE_CONFIG};
 
-/// CPU seconds used by this process so far (all threads), from /proc/self/stat; `None` off Linux.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -59,10 +50,10 @@ fn main() -> anyhow::Result<()> {
     let warm_up = warm_up.elapsed().as_secs_f64();
     let (mut wall, mut cpu) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     for _ in 0..runs.max(1) {
-        let (start, cpu_start) = (Instant::now(), cpu_seconds());
+        let (start, cpu_start) = (Instant::now(), sana_sprint::system::cpu_seconds());
         encoder.forward(&image)?;
         wall.push(start.elapsed().as_secs_f64());
-        if let (Some(a), Some(b)) = (cpu_start, cpu_seconds()) {
+        if let (Some(a), Some(b)) = (cpu_start, sana_sprint::system::cpu_seconds()) {
             cpu.push(b - a);
         }
     }

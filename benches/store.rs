@@ -208,7 +208,7 @@ fn loader_throughput(path: &std::path::Path, n: usize) {
             prefetch: 4,
             sigma_data: 0.5,
         };
-        let cpu = cpu_seconds();
+        let cpu = sana_sprint::system::cpu_seconds().unwrap_or(0.0);
         let store = LatentStore::open(path).unwrap();
         let mut loader = StoreLoader::start(store, &opts, LoaderPosition::default()).unwrap();
         let batches = 2 * loader.batches_per_epoch() as usize;
@@ -217,7 +217,8 @@ fn loader_throughput(path: &std::path::Path, n: usize) {
             loader.next_batch().unwrap();
         }
         let sps = (batches * batch_size) as f64 / t.elapsed().as_secs_f64();
-        let cpu_ms = 1e3 * (cpu_seconds() - cpu) / (batches * batch_size) as f64;
+        let cpu_ms = 1e3 * (sana_sprint::system::cpu_seconds().unwrap_or(0.0) - cpu)
+            / (batches * batch_size) as f64;
         println!(
             "  loader, shuffled, batch {batch_size}: {sps:.1} samples/s = {:.0} MB/s of store ({:.0}% of sequential), {cpu_ms:.2} CPU ms/sample",
             sps * per_sample / 1e6,
@@ -260,19 +261,4 @@ fn read_path_breakdown(store: &LatentStore, n: usize) {
         "  read path: assembling 4 rows into a batch: {:.2} ms/batch",
         ms(t, batches.len())
     );
-}
-
-/// CPU time (user + system, all threads) of this process so far, from /proc/self/stat in 1/100 s ticks (Linux;
-/// 0 elsewhere): the loader's CPU cost per sample, which the other loads on a shared machine blur less than
-/// its wall-clock rate.
-fn cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / 100.0)
-        })
-        .unwrap_or(0.0)
 }

@@ -12,3 +12,46 @@ pub fn proc_status_bytes(field: &str) -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// [`proc_status_bytes`] in MiB.
+pub fn proc_status_mib(field: &str) -> Option<f64> {
+    proc_status_bytes(field).map(|b| b as f64 / 1048576.0)
+}
+
+/// Resets the peak-RSS high-water mark (`VmHWM`) to the current RSS (Linux ≥ 4.0); false where unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// CPU time (user + system, all threads) this process has used, in seconds (Linux; `/proc/self/stat` counts
+/// in clock ticks, 100 per second on Linux).
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // the fields after the parenthesised command name; utime and stime are the 12th and 13th of them
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_facts_are_read_on_linux() {
+        let rss = proc_status_mib("VmRSS:").expect("VmRSS on Linux");
+        assert!(rss > 1.0, "{rss} MiB");
+        assert!(peak_rss_bytes().unwrap() as f64 / 1048576.0 >= rss - 1.0);
+        let before = cpu_seconds().expect("/proc/self/stat on Linux");
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed().as_millis() < 150 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        assert!(
+            cpu_seconds().unwrap() >= before + 0.05,
+            "a busy loop must add CPU time"
+        );
+    }
+}
