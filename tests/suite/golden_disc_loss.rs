@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use sana_sprint::models::discriminator::{self, DiscHeads, Mode, DEFAULT_HEAD_BLOCK_IDS};
-use sana_sprint::models::sana::{SanaConfig, SanaTransformer2DModel};
+use sana_sprint::models::sana::SanaTransformer2DModel;
 use sana_sprint::models::trigflow::SanaTrigFlow;
 use sana_sprint::train::loss::{
     generator_adv_loss, hinge_d_loss, normalize_tangent, scm_loss, scm_tangent, tangent_warmup,
@@ -143,20 +143,10 @@ fn heads_forward_runs_head_k_on_feature_k() {
 
 /// The tiny teacher of sana_transformer_tiny (2 blocks, inner dim 16) and the fixture's io.
 fn tiny_teacher() -> (SanaTrigFlow, HashMap<String, Tensor>) {
-    let all = load_fixture("sana_transformer_tiny");
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_path("sana_transformer_tiny.json")).unwrap(),
-    )
-    .unwrap();
-    let config: SanaConfig = serde_json::from_value(json["config"].clone()).unwrap();
-    let part = |prefix: &str| -> HashMap<String, Tensor> {
-        all.iter()
-            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
-            .collect()
-    };
-    let vb = VarBuilder::from_tensors(part("teacher."), DType::F32, &Device::Cpu);
-    let transformer = SanaTransformer2DModel::new(&config, vb).unwrap();
-    (SanaTrigFlow::new(transformer), part("io."))
+    let tiny = crate::golden_sana::tiny();
+    let vb = VarBuilder::from_tensors(tiny.teacher, DType::F32, &Device::Cpu);
+    let transformer = SanaTransformer2DModel::new(&tiny.config, vb).unwrap();
+    (SanaTrigFlow::new(transformer), tiny.io)
 }
 
 /// Compares gradients of the head parameters with the reference `{prefix}{name}` tensors; max abs error is

@@ -20,15 +20,15 @@ use sana_sprint::synth;
 /// Tolerance on the relative L2 error of every f32 output against PyTorch.
 const REL_TOL: f64 = 1e-4;
 
-/// The tiny model's weights (prefix "teacher." or "student.") and its io tensors.
-struct Tiny {
-    io: HashMap<String, Tensor>,
-    teacher: HashMap<String, Tensor>,
+/// The tiny model's weights (prefix "teacher." or "student.") and its io tensors (also read by golden_disc_loss).
+pub(crate) struct Tiny {
+    pub(crate) io: HashMap<String, Tensor>,
+    pub(crate) teacher: HashMap<String, Tensor>,
     student: HashMap<String, Tensor>,
-    config: SanaConfig,
+    pub(crate) config: SanaConfig,
 }
 
-fn tiny() -> Tiny {
+pub(crate) fn tiny() -> Tiny {
     let all = load_fixture("sana_transformer_tiny");
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture_path("sana_transformer_tiny.json")).unwrap(),
