@@ -49,7 +49,7 @@ if [ "$smoke" = 1 ]; then
   dev=(--device cpu --smoke)
   budget=${budget:-100000}
   # the sampler code paths run against a stand-in nvidia-smi (fixed numbers)
-  fake="$out/fake-nvidia-smi"
+  fake="$work/fake-nvidia-smi"
   printf '#!/bin/sh\ncase "$*" in *name*) echo "cpu smoke";; *) echo "37, 1234";; esac\n' > "$fake"
   chmod +x "$fake"
   export SPRINT_BENCH_NVIDIA_SMI="$fake"
@@ -113,7 +113,8 @@ else
   ref_ok=0
 fi
 
-# --- one measurement: step LIMIT_SECONDS ours|ref ARGS...; skipped when the budget is spent
+# --- one measurement: step LIMIT_SECONDS ours|ref ARGS...; skipped when the budget is spent. Environment
+# assignments before `step` (SANA_SPRINT_DEVICE_CONV=candle step ...) reach the measured process only.
 step() {
   local limit=$1 who=$2; shift 2
   local left=$(( budget - ($(date +%s) - started) ))
@@ -147,29 +148,40 @@ step() {
   fi
 }
 
-# --- the sequence, most informative first (pairs of ours + reference)
-step 150 ours parity
-step 60  ours dcae --batch 1 --resolution 1024 --iters 5
-step 90  ref  dcae --batch 1 --resolution 1024 --iters 5
-step 60  ours gemma --tokens 300 --batch 8 --iters 10
-step 90  ref  gemma --tokens 300 --batch 8 --iters 10
-step 150 ours train-step --config 1.6B --resolution 1024 --batch 1 --mixed_precision bf16 --steps 6
-step 120 ref  train-step --config 1.6B --resolution 1024 --batch 1 --mixed_precision bf16 --steps 6
-step 150 ours prep --rows 64 --resolution 1024 --batch_size 8
-step 90  ref  encode --batch 4 --resolution 1024 --iters 3
-step 150 ours train-step --config 1.6B --resolution 1024 --batch 4 --gradient_checkpointing --mixed_precision bf16 --steps 6
-step 120 ref  train-step --config 1.6B --resolution 1024 --batch 4 --gradient_checkpointing --mixed_precision bf16 --steps 6
+# --- the sequence, most informative first (pairs of ours + reference): correctness, the training step with
+# its stages (the speed target), prep against the per-step encoding, the memory target (batch 1 with gradient
+# checkpointing), the memory pool's release threshold, the GPU convolution, then the other sizes
+tsa=(--config 1.6B --resolution 1024 --mixed_precision bf16)
+step 120 ours parity
+step 150 ours train-step "${tsa[@]}" --batch 1 --steps 6 --profile
+step 120 ref  train-step "${tsa[@]}" --batch 1 --steps 6 --profile
+step 130 ours prep --rows 64 --resolution 1024 --batch_size 8
+step 75  ref  encode --batch 4 --resolution 1024 --iters 3
+step 120 ours train-step "${tsa[@]}" --batch 1 --gradient_checkpointing --steps 6
+step 100 ref  train-step "${tsa[@]}" --batch 1 --gradient_checkpointing --steps 6
+SANA_SPRINT_CUDA_POOL_RELEASE=0 step 100 ours train-step "${tsa[@]}" --batch 1 --gradient_checkpointing --steps 6
+step 45  ours dcae --batch 1 --resolution 1024 --iters 5
+step 60  ref  dcae --batch 1 --resolution 1024 --iters 5
+SANA_SPRINT_DEVICE_CONV=candle step 45 ours dcae --batch 1 --resolution 1024 --iters 5
+step 45  ours gemma --tokens 300 --batch 8 --iters 10
+step 60  ref  gemma --tokens 300 --batch 8 --iters 10
+step 150 ours train-step "${tsa[@]}" --batch 4 --gradient_checkpointing --steps 6
+step 120 ref  train-step "${tsa[@]}" --batch 4 --gradient_checkpointing --steps 6
 if [ "$smoke" = 0 ]; then
   step 60  ours dcae --batch 8 --resolution 1024 --iters 3
   step 90  ref  dcae --batch 8 --resolution 1024 --iters 3
   step 45  ours gemma --tokens 300 --batch 1 --iters 10
   step 60  ref  gemma --tokens 300 --batch 1 --iters 10
-  step 120 ours train-step --config 1.6B --resolution 1024 --batch 1 --gradient_checkpointing --mixed_precision bf16 --steps 6
-  step 100 ref  train-step --config 1.6B --resolution 1024 --batch 1 --gradient_checkpointing --mixed_precision bf16 --steps 6
-  step 120 ours train-step --config 1.6B --resolution 1024 --batch 4 --mixed_precision bf16 --steps 6
-  step 100 ref  train-step --config 1.6B --resolution 1024 --batch 4 --mixed_precision bf16 --steps 6
+  step 120 ours train-step "${tsa[@]}" --batch 4 --steps 6
+  step 100 ref  train-step "${tsa[@]}" --batch 4 --steps 6
 fi
 
+# the log is kept short enough to travel back from a device machine (the device tool returns files of at most
+# 16 MiB): over 4 MiB, its first 1 MiB and last 2 MiB stay
+if [ "$(stat -c %s "$logf")" -gt 4194304 ]; then
+  { head -c 1048576 "$logf"; printf '\n[... gpu-check.sh: %s bytes of the log cut ...]\n' "$(stat -c %s "$logf")"
+    tail -c 2097152 "$logf"; } > "$logf.trim" && mv "$logf.trim" "$logf"
+fi
 say "done; table:"
 "$py" tools/gpu/make_table.py "$jsonl" --card "$card" --md "$md" | tee -a "$logf"
 echo

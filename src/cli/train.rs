@@ -135,6 +135,11 @@ pub struct TrainArgs {
     /// Train on a store whose VAE/text-encoder fingerprints differ from the teacher folder's.
     #[arg(long)]
     pub allow_store_mismatch: bool,
+    /// Time every stage of each step (loader wait, teacher CFG, JVP, student forward, LADD, backward,
+    /// optimiser, ...) with device-synchronised timers and write them to metrics.jsonl as "stages"; the
+    /// synchronisations make profiled steps slightly slower.
+    #[arg(long)]
+    pub profile: bool,
     /// learnable: linear_1.weight ~ N(0, 0.02), the rest zero (the guidance embedding can learn); zero: all
     /// zero, as the diffusers script (only linear_2.bias ever learns).
     #[arg(long, value_enum)]
@@ -326,6 +331,7 @@ impl TrainArgs {
         o.validation_timesteps = fill(&mut a.validation_timesteps, &o.validation_timesteps);
         o.upcast_before_saving = a.upcast_before_saving;
         o.allow_store_mismatch = a.allow_store_mismatch;
+        o.profile = a.profile;
         let device = fill(&mut a.device, &device::default_device().to_string());
         o.device = device::parse_device(&device)?;
         o.prefetch = fill(&mut a.dataloader_num_workers, &o.prefetch).max(1);

@@ -94,7 +94,8 @@ const CONV_BAND_ELEMS: usize = 8 << 20;
 /// stacked windows. The windows of a band of output rows are gathered in one parallel pass (with a row of
 /// ones carrying the bias) and multiplied band by band; the output is computed on full padded rows and
 /// cropped. Elsewhere (other devices, inputs that need gradients, spatial sizes the stride does not
-/// divide) candle's `conv2d` runs (cuDNN with the `cudnn` feature).
+/// divide) candle's `conv2d` runs. On GPUs [`conv2d_taps`] runs instead (see [`DEVICE_CONV_ENV`]): candle's
+/// CUDA `conv2d` without cuDNN builds the whole im2col buffer (about 39 GB for the DC-AE encoder at 1024², batch 8).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -121,11 +122,108 @@ pub fn conv2d(
         let geometry = ConvGeometry::new((h, w), (kh, kw), padding, stride);
         return conv2d_banded(x, weight, bias, &geometry, CONV_BAND_ELEMS);
     }
+    if !x.device().is_cpu() && device_conv_path()? == DeviceConvPath::Taps {
+        return conv2d_taps(x, weight, bias, padding, stride);
+    }
     let out = x.conv2d(weight, padding, stride, 1, 1)?;
     match bias {
         Some(bias) => out.broadcast_add(&bias.reshape((1, o, 1, 1))?),
         None => Ok(out),
     }
+}
+
+/// Environment variable that picks the convolution of [`conv2d`] on GPUs: `taps` (the default, [`conv2d_taps`])
+/// or `candle` (candle's own `conv2d`: im2col + one matmul, or cuDNN when built with the `cudnn` feature). Meant
+/// for measuring one against the other (`sprint-bench dcae`).
+pub const DEVICE_CONV_ENV: &str = "SANA_SPRINT_DEVICE_CONV";
+
+/// The two GPU convolutions [`DEVICE_CONV_ENV`] chooses between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceConvPath {
+    Taps,
+    Candle,
+}
+
+/// The GPU convolution [`DEVICE_CONV_ENV`] asks for.
+pub fn device_conv_path() -> Result<DeviceConvPath> {
+    match std::env::var(DEVICE_CONV_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("taps") => Ok(DeviceConvPath::Taps),
+        Ok("candle") => Ok(DeviceConvPath::Candle),
+        Ok(other) => bail!("{DEVICE_CONV_ENV}={other:?}: expected `taps` or `candle`"),
+    }
+}
+
+/// 2-D convolution as one matmul per kernel row, accumulated: for each row `ky` of the kernel, the `kw` shifted
+/// (and, with a stride, subsampled) views of the zero-padded input are stacked along the channels into a
+/// `(B, kw·C, Ho·Wo)` operand and multiplied by that row's `(O, kw·C)` weights. The extra memory is `kw` copies
+/// of the input instead of the `kh·kw` of a full im2col, the matmuls are large enough for a GPU's tensor cores,
+/// and everything is made of tensor ops, so it has a backward pass on every device. Same contract as [`conv2d`].
+pub fn conv2d_taps(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (o, wc, kh, kw) = weight.dims4()?;
+    if wc != c || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        bail!(
+            "conv2d_taps: weight {:?} with padding {padding} and stride {stride} does not fit a {c}x{h}x{w} input",
+            weight.dims()
+        )
+    }
+    let (ho, wo) = (
+        (h + 2 * padding - kh) / stride + 1,
+        (w + 2 * padding - kw) / stride + 1,
+    );
+    // zero padding, plus up to `stride` extra rows / columns so that every tap's window spans whole
+    // groups of `stride` elements (only the first of each group is read)
+    let (hp, wp) = (ho * stride + kh - 1, wo * stride + kw - 1);
+    let xp = pad2d(
+        x,
+        padding,
+        (hp - h - padding).max(padding),
+        padding,
+        (wp - w - padding).max(padding),
+    )?;
+    let tap = |ky: usize, kx: usize| -> Result<Tensor> {
+        let v = xp.narrow(2, ky, ho * stride)?.narrow(3, kx, wo * stride)?;
+        let v = if stride == 1 {
+            v
+        } else {
+            v.contiguous()?
+                .reshape((b, c, ho, stride, wo, stride))?
+                .narrow(3, 0, 1)?
+                .narrow(5, 0, 1)?
+        };
+        v.contiguous()?.reshape((b, c, ho * wo))
+    };
+    // weight rows: (kh, O, kw·C) with the kw taps' channels in the order they are stacked
+    let rows = weight
+        .permute((2, 0, 3, 1))?
+        .contiguous()?
+        .reshape((kh, o, kw * c))?;
+    let mut y: Option<Tensor> = None;
+    for ky in 0..kh {
+        let taps = (0..kw).map(|kx| tap(ky, kx)).collect::<Result<Vec<_>>>()?;
+        let stacked = if kw == 1 {
+            taps[0].clone()
+        } else {
+            Tensor::cat(&taps, 1)?
+        };
+        let part = rows.get(ky)?.broadcast_left(b)?.matmul(&stacked)?;
+        y = Some(match y {
+            Some(y) => (y + part)?,
+            None => part,
+        });
+    }
+    let y = y.expect("a kernel has at least one row");
+    let y = match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1))?)?,
+        None => y,
+    };
+    y.reshape((b, o, ho, wo))
 }
 
 /// Where each tap of a strided, zero-padded convolution reads in the padded, flattened phase images.
@@ -396,6 +494,48 @@ mod tests {
     use super::*;
     use crate::nn::test_util::max_abs_diff;
     use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn conv2d_taps_matches_candle_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, c, o, h, w, k, pad, stride) in [
+            (1, 3, 5, 7, 6, 3, 1, 1),
+            (2, 4, 3, 6, 8, 3, 1, 2),
+            (1, 2, 3, 7, 8, 3, 1, 2),
+            (1, 3, 2, 5, 7, 5, 2, 1),
+            (2, 3, 2, 5, 4, 3, 0, 1),
+            (1, 2, 3, 12, 9, 5, 2, 3),
+            (1, 2, 3, 6, 6, 1, 0, 2),
+            (1, 2, 3, 9, 8, 3, 0, 2),
+        ] {
+            let x = candle_core::Var::randn(0f32, 1., (b, c, h, w), &dev)?;
+            let weight = candle_core::Var::randn(0f32, 1., (o, c, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1., o, &dev)?;
+            let ours = conv2d_taps(&x, &weight, Some(&bias), pad, stride)?;
+            let reference = x
+                .conv2d(&weight, pad, stride, 1, 1)?
+                .broadcast_add(&bias.reshape((1, o, 1, 1))?)?;
+            assert_eq!(ours.dims(), reference.dims());
+            let err = max_abs_diff(&ours, &reference);
+            assert!(err < 1e-4, "{b} {c} {o} {h} {w} {k} {pad} {stride}: {err}");
+            // gradients of a weighted sum; candle's conv2d backward itself fails ("shape mismatch in add") on
+            // sizes the stride does not divide, so those are compared forward only
+            if h % stride != 0 || w % stride != 0 {
+                continue;
+            }
+            let probe = Tensor::randn(0f32, 1., reference.dims(), &dev)?;
+            let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+            let g_ref = (reference * &probe)?.sum_all()?.backward()?;
+            for v in [x.as_tensor(), weight.as_tensor()] {
+                let err = max_abs_diff(g_ours.get(v).unwrap(), g_ref.get(v).unwrap());
+                assert!(
+                    err < 1e-3,
+                    "grad {b} {c} {o} {h} {w} {k} {pad} {stride}: {err}"
+                );
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn conv2d_matches_candle() -> Result<()> {

@@ -53,6 +53,9 @@ pub struct TrainOptions {
     pub device: Device,
     pub prefetch: usize,
     pub progress: bool,
+    /// Time each stage of every step with device-synchronised timers and write them to `metrics.jsonl`
+    /// (`"stages"`, seconds); see [`crate::train::profile`].
+    pub profile: bool,
     /// The run's full configuration, written to `output_dir/train_config.json`.
     pub config_json: serde_json::Value,
     /// Test hook: batches (by consumption index) whose loss is replaced by NaN.
@@ -101,6 +104,7 @@ impl TrainOptions {
             device: Device::Cpu,
             prefetch: 4,
             progress: false,
+            profile: false,
             config_json: serde_json::Value::Null,
             inject_nan_batches: Vec::new(),
             kill_after_step: None,

@@ -16,6 +16,7 @@ use crate::nn::checkpoint::Recompute;
 use crate::nn::dual::Dual;
 use crate::rng::SeededRng;
 use crate::train::loss::{self, TimestepSampler, TANGENT_NORM_CONST};
+use crate::train::profile;
 use crate::{Error, Result};
 
 /// `--largest_timestep` default: the reference's literal 1.5708, slightly above π/2 (kept as given, docs/ALGORITHM.md §7; diffusers `SanaSprintPipeline.__call__` + `SCMScheduler.step`).
@@ -417,6 +418,7 @@ pub fn generator_loss(
             .student_frozen
             .text_context(&batch.prompt_embeds, Some(&batch.prompt_mask))?,
     };
+    profile::mark("text_context")?;
 
     // 1. teacher CFG velocity (unconditional half first)
     let f_teacher = m
@@ -432,6 +434,7 @@ pub fn generator_loss(
     let b = x0.dim(0)?;
     let (uncond, cond) = (f_teacher.narrow(0, 0, b)?, f_teacher.narrow(0, b, b)?);
     let dxt_dt = uncond.add(&cond.sub(&uncond)?.broadcast_mul(&col(&w)?)?)?;
+    profile::mark("teacher_cfg")?;
 
     // 2–3. tangents (cos t sin t · dxt_dt/σd, cos t sin t) and the student's JVP dF
     let cos_sin = (t.cos()? * t.sin()?)?;
@@ -447,6 +450,7 @@ pub fn generator_loss(
             Some(&guidance),
         )?
         .tangent_or_zeros()?;
+    profile::mark("jvp")?;
 
     // 4. student with graph, logvar head
     let mut pending = PendingRecompute::default();
@@ -460,6 +464,7 @@ pub fn generator_loss(
         &mut pending,
     )?;
     let logvar = m.student.logvar(&t, Some(&guidance))?;
+    profile::mark("student_forward")?;
 
     // 5–9. tangent, normalisation, weighted sCM loss
     let r = loss::tangent_warmup(global_step, s.tangent_warmup_steps);
@@ -467,6 +472,7 @@ pub fn generator_loss(
     let g = loss::scm_tangent(&x_t, &t, &dxt_dt, &f_minus, &df, sd, r)?;
     let g = loss::normalize_tangent(&g, TANGENT_NORM_CONST)?;
     let scm = loss::scm_loss(&f, &f_minus, &g, &logvar, &t, sd)?;
+    profile::mark("scm_loss")?;
 
     // 10. predicted clean latent (from a fresh student pass at t' with --train_largest_timestep)
     let x0_pred = match &draws.largest {
@@ -494,6 +500,7 @@ pub fn generator_loss(
         }
         None => predict_x0(&t, &x_t, &f, sd)?,
     };
+    profile::mark("student_forward")?;
 
     // 11. adversarial generator loss through the frozen teacher trunk and the heads (eval mode)
     let t_d = s.disc_sampler.timesteps(&draws.t_d_normal)?;
@@ -507,6 +514,7 @@ pub fn generator_loss(
         Mode::Eval,
     )?;
     let adv = loss::generator_adv_loss(&logits)?;
+    profile::mark("ladd_forward")?;
 
     // 12. total
     let total = (scm.affine(s.scm_lambda, 0.0)? + adv.affine(s.adv_lambda, 0.0)?)?;
@@ -562,6 +570,7 @@ pub fn discriminator_loss(
         )?
         .primal;
     let x0_fake = predict_x0(&t, &x_t, &f, sd)?;
+    profile::mark("student_forward")?;
 
     let t_d = s.disc_sampler.timesteps(&draws.t_d_normal)?;
     let x_fake = trig_mix(&t_d, &x0_fake, &draws.noise_fake.affine(sd, 0.0)?)?;
@@ -601,6 +610,7 @@ pub fn discriminator_loss(
         Mode::Train,
     )?;
     let loss = loss::hinge_d_loss(&logits_real, &logits_fake)?;
+    profile::mark("d_forward")?;
     Ok(DiscriminatorOutput {
         d_loss: loss.to_dtype(DType::F64)?.to_scalar()?,
         loss,
@@ -634,8 +644,11 @@ pub fn generator_grads(
     loss_scale: f64,
 ) -> Result<(GradStore, GeneratorOutput)> {
     let mut out = generator_loss(m, batch, draws, s, global_step)?;
+    profile::mark("loss_readback")?;
     let mut grads = out.loss.affine(loss_scale, 0.0)?.backward()?;
+    profile::mark("backward")?;
     std::mem::take(&mut out.pending).finish(&mut grads)?;
+    profile::mark("checkpoint_recompute")?;
     Ok((keep_only(grads, student_vars), out))
 }
 
@@ -650,6 +663,8 @@ pub fn discriminator_grads(
     loss_scale: f64,
 ) -> Result<(GradStore, DiscriminatorOutput)> {
     let out = discriminator_loss(m, batch, draws, s)?;
+    profile::mark("loss_readback")?;
     let grads = out.loss.affine(loss_scale, 0.0)?.backward()?;
+    profile::mark("backward")?;
     Ok((keep_only(grads, head_vars), out))
 }

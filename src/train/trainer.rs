@@ -27,6 +27,7 @@ use crate::train::loader::{
 };
 use crate::train::optim::{clip_grad_norm, AdamW, LrSchedule};
 pub use crate::train::options::TrainOptions;
+use crate::train::profile;
 use crate::train::step::{self, DiscriminatorDraws, GeneratorDraws, Models};
 use crate::train::validation::{ValidationSettings, Validator};
 use crate::{Error, Result};
@@ -535,7 +536,11 @@ impl<'a> Trainer<'a> {
     /// its log line, checkpoint and validation; then the export.
     fn train(mut self) -> Result<RunSummary> {
         while self.state.global_step < self.max_train_steps {
+            if self.opts.profile && self.micro == 0 {
+                profile::start(&self.opts.device)?;
+            }
             let batch = self.loader.next_batch()?;
+            profile::mark("loader_wait")?;
             if !self.micro_step(&batch)? {
                 continue;
             }
@@ -561,6 +566,7 @@ impl<'a> Trainer<'a> {
         let opts = self.opts;
         let device = &opts.device;
         let batch = host.to_batch(&self.negative, device)?;
+        profile::mark("host_to_device")?;
         let shape = batch.x0.dims().to_vec();
         let mut rng = batch_rng(self.seed, self.state.batches_consumed);
         let models = Models {
@@ -581,6 +587,7 @@ impl<'a> Trainer<'a> {
         match self.state.phase {
             Phase::Generator => {
                 let draws = GeneratorDraws::sample(&mut rng, &shape, s, device)?;
+                profile::mark("draws")?;
                 let (grads, out) = step::generator_grads(
                     &models,
                     &batch,
@@ -591,11 +598,13 @@ impl<'a> Trainer<'a> {
                     loss_scale,
                 )?;
                 accumulate(&mut self.acc, &grads, &self.student_vars)?;
+                profile::mark("accumulate")?;
                 self.last.scm = Some(out.scm_loss);
                 self.last.adv = Some(out.adv_loss);
             }
             Phase::Discriminator => {
                 let draws = DiscriminatorDraws::sample(&mut rng, &shape, s, device)?;
+                profile::mark("draws")?;
                 let (grads, out) = step::discriminator_grads(
                     &models,
                     &batch,
@@ -605,6 +614,7 @@ impl<'a> Trainer<'a> {
                     loss_scale,
                 )?;
                 accumulate(&mut self.acc, &grads, &self.head_vars)?;
+                profile::mark("accumulate")?;
                 self.last.d = Some(out.d_loss);
             }
         }
@@ -628,8 +638,10 @@ impl<'a> Trainer<'a> {
             Phase::Discriminator => &self.head_vars,
         };
         let grad_norm = clip_grad_norm(&mut self.acc, vars, self.opts.gradient_clip)?;
+        profile::mark("clip")?;
         let grads = std::mem::take(&mut self.acc);
         if !grad_norm.is_finite() {
+            profile::finish();
             self.skip_non_finite(phase)?;
             return Ok(None);
         }
@@ -637,15 +649,18 @@ impl<'a> Trainer<'a> {
             Phase::Generator => {
                 let lr = self.schedule.lr_at(self.state.generator_updates);
                 self.opt_g.step(&grads, lr)?;
+                profile::mark("optimizer")?;
                 self.state.generator_updates += 1;
                 self.last.grad_norm_g = Some(grad_norm);
                 if self.dtype != DType::F32 {
                     self.compute = self.student.compute_models(self.dtype)?;
+                    profile::mark("bf16_recast")?;
                 }
                 lr
             }
             Phase::Discriminator => {
                 self.opt_d.step(&grads, self.lr_d)?;
+                profile::mark("optimizer")?;
                 self.state.discriminator_updates += 1;
                 self.last.grad_norm_d = Some(grad_norm);
                 self.lr_d
@@ -682,7 +697,13 @@ impl<'a> Trainer<'a> {
         let samples_per_s = self.rate.per_s();
         let (state, last) = (&self.state, &self.last);
         let lr_g = self.schedule.lr_at(state.generator_updates);
-        self.metrics.write(serde_json::json!({
+        let stages = profile::finish().map(|stages| {
+            stages
+                .into_iter()
+                .map(|(name, secs)| (name.to_string(), serde_json::Value::from(secs)))
+                .collect::<serde_json::Map<_, _>>()
+        });
+        let mut line = serde_json::json!({
             "step": state.global_step,
             "phase": step.phase.name(),
             "scm_loss": last.scm,
@@ -696,7 +717,11 @@ impl<'a> Trainer<'a> {
             "loader_wait_s": self.loader.waited().as_secs_f64(),
             "elapsed_s": self.started.elapsed().as_secs_f64(),
             "nan_skips": state.nan_skips,
-        }))?;
+        });
+        if let Some(stages) = stages {
+            line["stages"] = stages.into();
+        }
+        self.metrics.write(line)?;
         self.bar.set_position(state.global_step);
         self.bar.set_message(format!(
             "scm {} adv {} d {} |g| {} |d| {} lr {:.2e} {:.1} samples/s",

@@ -443,6 +443,84 @@ fn nan_steps_are_skipped_and_counted() {
 }
 
 #[test]
+fn profile_writes_each_steps_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path());
+    o.profile = true;
+    o.gradient_checkpointing = true;
+    o.mixed_precision = MixedPrecision::Bf16;
+    trainer::run(&o).unwrap();
+    let lines: Vec<_> = metrics(dir.path())
+        .into_iter()
+        .filter(|l| l.get("phase").is_some())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let g_stages = [
+        "loader_wait",
+        "host_to_device",
+        "draws",
+        "text_context",
+        "teacher_cfg",
+        "jvp",
+        "student_forward",
+        "scm_loss",
+        "ladd_forward",
+        "loss_readback",
+        "backward",
+        "checkpoint_recompute",
+        "accumulate",
+        "clip",
+        "optimizer",
+        "bf16_recast",
+    ];
+    let d_stages = [
+        "loader_wait",
+        "host_to_device",
+        "draws",
+        "student_forward",
+        "d_forward",
+        "loss_readback",
+        "backward",
+        "accumulate",
+        "clip",
+        "optimizer",
+    ];
+    let mut previous_elapsed = None;
+    for line in &lines {
+        let stages = line["stages"].as_object().expect("a stages object");
+        let names: Vec<&str> = stages.keys().map(String::as_str).collect();
+        let expected: &[&str] = if line["phase"] == "G" {
+            &g_stages
+        } else {
+            &d_stages
+        };
+        let mut sorted_expected = expected.to_vec();
+        sorted_expected.sort();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, sorted_expected, "{line}");
+        // the stages cover the step: their sum is at most the time between two metrics lines
+        let total: f64 = stages.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!(stages.values().all(|v| v.as_f64().unwrap() >= 0.0));
+        let elapsed = line["elapsed_s"].as_f64().unwrap();
+        if let Some(prev) = previous_elapsed {
+            assert!(
+                total <= elapsed - prev + 1e-3,
+                "{total} > {}",
+                elapsed - prev
+            );
+        }
+        previous_elapsed = Some(elapsed);
+    }
+    // without --profile the lines have no stages
+    let plain = tempfile::tempdir().unwrap();
+    trainer::run(&options(plain.path())).unwrap();
+    assert!(metrics(plain.path())
+        .iter()
+        .all(|l| l.get("stages").is_none()));
+}
+
+#[test]
 fn store_made_with_other_encoders_is_refused() {
     // a copy of the tiny pipeline whose VAE config differs from the one the store was made with
     let other = copy_teacher();

@@ -23,6 +23,7 @@ LAYOUT = [
                     ("d_step_s", "D step s"),
                     ("g_step_plus_encode_s", "G step s incl. per-step encoding (ours: none needed)"),
                     ("peak_mem_gib", "peak GPU memory GiB (device-wide)"),
+                    ("alloc_peak_gib", "allocator peak GiB (ours: CUDA pool used high; ref: torch max_memory_allocated)"),
                     ("gpu_busy_pct", "GPU busy % during timed steps")]),
 ]
 HIGHER_BETTER = ("_per_s",)
@@ -73,6 +74,9 @@ def cell(r, metric):
     if metric == "status":
         return None, "ok" if status == "ok" else str(status)
     v = r.get("metrics", {}).get(metric)
+    if metric == "alloc_peak_gib":
+        v = r.get("metrics", {}).get("pool_used_high_gib" if r.get("impl") == "sprint-bench"
+                                     else "torch_max_allocated_gib")
     if metric == "g_step_plus_encode_s" and r.get("impl") == "sprint-bench":
         v = r.get("metrics", {}).get("g_step_s")
     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -116,6 +120,15 @@ def table(rows, card):
             metrics = sorted({m for r in (ours_r, ref_r) if r for m, v in r.get("metrics", {}).items()
                               if isinstance(v, (int, float))})
             layout = [(m, m) for m in metrics] or [("status", "(no result)")]
+        if key.startswith("train-step"):
+            # --profile: the stages of either side, G then D, in the order they ran
+            stages = []
+            for phase in ("g_stage_", "d_stage_"):
+                for r in (ours_r, ref_r):
+                    for m in (r or {}).get("metrics", {}):
+                        if m.startswith(phase) and m not in stages:
+                            stages.append(m)
+            layout = layout + [(m, f"{m[0].upper()} stage {m[8:-2]} s (synchronised)") for m in stages]
         if layout and all(cell(r, m)[0] is None for r in (ours_r, ref_r) for m, _ in layout) \
                 and not key.startswith("parity"):
             layout = [("status", "(no result)")]

@@ -347,7 +347,8 @@ def key_of(args):
     if args.command == "encode":
         return f"encoding {64 if args.smoke else args.resolution}px"
     res, batch = train_sizes(args)[:2]
-    return f"train-step {args.config} {res}px b{batch} bf16{' ckpt' if args.gradient_checkpointing else ''}"
+    return (f"train-step {args.config} {res}px b{batch} bf16{' ckpt' if args.gradient_checkpointing else ''}"
+            f"{' profiled' if args.profile else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------- dcae / gemma
@@ -609,6 +610,30 @@ class Discriminator:
         return torch.cat(out, dim=1)
 
 
+class StageTimer:
+    """--profile: per-stage seconds of a step, each stage ended by a device synchronisation (as sprint-bench's
+    `--profile`), so a stage's time is its device work plus the host time around it."""
+
+    def __init__(self, device, enabled):
+        self.device, self.enabled, self.stages, self.last = device, enabled, {}, None
+
+    def start(self):
+        if self.enabled:
+            sync(self.device)
+            self.stages, self.last = {}, time.perf_counter()
+
+    def mark(self, name):
+        if self.enabled and self.last is not None:
+            sync(self.device)
+            now = time.perf_counter()
+            self.stages[name] = self.stages.get(name, 0.0) + now - self.last
+            self.last = now
+
+    def finish(self):
+        stages, self.last = self.stages, None
+        return stages
+
+
 def sample_t(b, mean, std):
     """compute_density_for_timestep_sampling_scm (CPU randn, 0.5 literal)."""
     return torch.atan(torch.exp(torch.randn(b) * std + mean) / 0.5)
@@ -668,6 +693,7 @@ def bench_train_step(args):
         torch.cuda.reset_peak_memory_stats(dev)
     log(f"reference models ready in {setup_s:.1f} s ({n_layers} blocks, heads on {block_ids})")
 
+    prof = StageTimer(dev, args.profile)
     sd_ = SIGMA_DATA
     scm_cfg_scale, logit = [4.0, 4.5, 5.0], (0.2, 1.6)
     logit_d = (-0.6, 1.0)
@@ -687,6 +713,7 @@ def bench_train_step(args):
                                torch.cat([neg_mask, mask]))[0]
             uncond, cond = (sd_ * f_all).chunk(2)
             dxt_dt = uncond + w.view(-1, 1, 1, 1) * (cond - uncond)
+        prof.mark("teacher_cfg")
         v_x = cos(t) * sin(t) * dxt_dt / sd_
         v_t = cos(t) * sin(t)
 
@@ -695,7 +722,9 @@ def bench_train_step(args):
 
         with torch.no_grad():
             _, dF, _ = torch.func.jvp(wrapper, (x_t / sd_, t), (v_x, v_t), has_aux=True)
+        prof.mark("jvp")
         F_s, logvar = transformer(x_t / sd_, emb, t.flatten(), mask, guidance=guidance, return_logvar=True)
+        prof.mark("student_forward")
         logvar = logvar.view(-1, 1, 1, 1)
         dF, F_minus = dF.detach(), F_s.detach()
         r = min(1, global_step / 4000)
@@ -703,21 +732,30 @@ def bench_train_step(args):
         g = g / (torch.linalg.vector_norm(g, dim=(1, 2, 3), keepdim=True) + 0.1)
         weight = 1 / (torch.tan(t) * sd_)
         scm = ((weight / torch.exp(logvar)) * torch.square(F_s - F_minus - g) + logvar).mean()
+        prof.mark("scm_loss")
         # --train_largest_timestep: a fresh student pass at t' (largest_timestep with probability 0.5)
         t_new = sample_t(batch, *logit).to(dev).view(-1, 1, 1, 1)
         t_new = torch.where(torch.rand_like(t_new) < largest_p, torch.full_like(t_new, largest_t), t_new)
         x_new = cos(t_new) * x0 + sin(t_new) * (torch.randn_like(x0) * sd_)
         F_new = transformer(x_new / sd_, emb, t_new.flatten(), mask, guidance=guidance)[0]
         x0_pred = cos(t_new) * x_new - sin(t_new) * F_new * sd_
+        prof.mark("student_forward")
         t_d = sample_t(batch, *logit_d).to(dev).view(-1, 1, 1, 1)
         x_d = cos(t_d) * x0_pred + sin(t_d) * (torch.randn_like(x0) * sd_)
         adv = -torch.mean(disc(x_d / sd_, t_d.flatten(), emb, mask))
+        prof.mark("ladd_forward")
         (scm + 0.5 * adv).backward()
+        prof.mark("backward")
         norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), 0.1)
-        if torch.isfinite(norm):
+        finite = torch.isfinite(norm)
+        prof.mark("clip")
+        if finite:
             opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-        return scm.item(), adv.item()
+        prof.mark("optimizer")
+        out = scm.item(), adv.item()
+        prof.mark("loss_readback")
+        return out
 
     def d_step(x0, emb, mask):
         transformer.eval()
@@ -729,6 +767,7 @@ def bench_train_step(args):
             x_t = cos(t) * x0 + sin(t) * (torch.randn_like(x0) * sd_)
             F_s = transformer(x_t / sd_, emb, t.flatten(), mask, guidance=w.flatten() * 0.1)[0]
             x0_fake = cos(t) * x_t - sin(t) * F_s * sd_
+        prof.mark("student_forward")
         t_d = sample_t(batch, *logit_d).to(dev).view(-1, 1, 1, 1)
         fake = cos(t_d) * x0_fake + sin(t_d) * (torch.randn_like(x0) * sd_)
         real = cos(t_d) * x0 + sin(t_d) * (torch.randn_like(x0) * sd_)
@@ -741,16 +780,23 @@ def bench_train_step(args):
         pred_fake = disc(fake / sd_, fake_t.flatten(), fake_emb, fake_mask)
         pred_real = disc(real / sd_, t_d.flatten(), emb, mask)
         loss = 0.5 * (torch.mean(F.relu(1.0 - pred_real)) + torch.mean(F.relu(1.0 + pred_fake)))
+        prof.mark("d_forward")
         loss.backward()
+        prof.mark("backward")
         norm = torch.nn.utils.clip_grad_norm_(heads.parameters(), 0.1)
-        if torch.isfinite(norm):
+        finite = torch.isfinite(norm)
+        prof.mark("clip")
+        if finite:
             opt_d.step()
         opt_d.zero_grad(set_to_none=True)
-        return loss.item()
+        prof.mark("optimizer")
+        out = loss.item()
+        prof.mark("loss_readback")
+        return out
 
     pixels = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
     sampler = Sampler(dev)
-    log_rows, enc_times, losses = [], [], {}
+    log_rows, enc_times, losses, step_stages = [], [], {}, []
     for step in range(steps):
         if deadline and time.perf_counter() > deadline:
             break
@@ -761,12 +807,14 @@ def bench_train_step(args):
         x0 = (enc.latents(pixels) * sf * sd_).to(wd)
         sync(dev)
         t1 = time.perf_counter()
+        prof.start()
         if phase == "G":
             losses["last_scm_loss"], losses["last_adv_loss"] = g_step(x0, emb, mask, step)
         else:
             losses["last_d_loss"] = d_step(x0, emb, mask)
         sync(dev)
         log_rows.append((phase, t1, time.perf_counter()))
+        step_stages.append((phase, prof.finish()))
         enc_times.append(t1 - t0)
     sampler.stop()
     timed_rows = log_rows[2:] if len(log_rows) >= 4 else log_rows[1:]
@@ -781,6 +829,16 @@ def bench_train_step(args):
         metrics["g_step_plus_encode_s"] = mean(g) + enc_s
     if mean(d) is not None and enc_s is not None:
         metrics["d_step_plus_encode_s"] = mean(d) + enc_s
+    timed_stages = step_stages[2:] if len(step_stages) >= 4 else step_stages[1:]
+    for phase in ("G", "D"):
+        names = []
+        for p, st in timed_stages:
+            names += [n for n in st if p == phase and n not in names]
+        for n in names:
+            v = [st[n] for p, st in timed_stages if p == phase and n in st]
+            metrics[f"{phase.lower()}_stage_{n}_s"] = mean(v)
+    if args.profile and enc_s is not None:
+        metrics["g_stage_encode_s"] = enc_s
     notes = ["first G and D steps are warm-up (not timed); step times exclude the per-batch encoding (encode_s)"]
     if len(log_rows) < steps:
         notes.append(f"stopped by --time_limit after {len(log_rows)} of {steps} steps")
@@ -791,6 +849,7 @@ def bench_train_step(args):
          dict(config=args.config, layers=n_layers, resolution=res, batch=batch,
               gradient_checkpointing=args.gradient_checkpointing, mixed_precision="bf16", steps=steps,
               prompt_tokens=seq_len, train_largest_timestep=True, misaligned_pairs_D=True, head_block_ids=block_ids,
+              profile=args.profile,
               setup_s=setup_s, what="train_sana_sprint_diffusers.py step as written (docs/ALGORITHM.md §5.5–§5.8)"),
          metrics, notes)
 
@@ -824,6 +883,8 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--layers", type=int)
     p.add_argument("--time_limit", type=float, help="start no step after this many seconds; report those done")
+    p.add_argument("--profile", action="store_true",
+                   help="per-stage seconds of the timed steps (g_stage_*, d_stage_*), each stage ended by a sync")
     args = ap.parse_args()
     args.device_obj = torch.device(args.device)
     if args.device_obj.type == "cuda" and args.device_obj.index is None:

@@ -151,6 +151,10 @@ struct TrainArgs {
     /// Keep only the first N transformer blocks (quick runs; --smoke uses 1).
     #[arg(long)]
     layers: Option<usize>,
+    /// Time each stage of every step (`sprint-train --profile`: device-synchronised timers) and report the mean
+    /// seconds per stage of the timed G and D steps (`g_stage_*`, `d_stage_*`).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// What every measurement needs.
@@ -314,7 +318,23 @@ fn dcae_sizes(smoke: bool, a: &DcaeArgs) -> (usize, usize, usize) {
 
 fn dcae_key(smoke: bool, a: &DcaeArgs) -> String {
     let (res, batch, _) = dcae_sizes(smoke, a);
-    format!("dcae f32 {res}px b{batch}")
+    format!("dcae f32 {res}px b{batch}{}", variant_suffix())
+}
+
+/// The non-default device settings of this process ([`sana_sprint::nn::conv::DEVICE_CONV_ENV`],
+/// [`device::POOL_RELEASE_ENV`]) as a key suffix, so that a variant's row never replaces the default's.
+fn variant_suffix() -> String {
+    let mut suffix = String::new();
+    for (var, default, name) in [
+        (sana_sprint::nn::conv::DEVICE_CONV_ENV, "taps", "conv"),
+        (device::POOL_RELEASE_ENV, "keep", "pool-release"),
+    ] {
+        match std::env::var(var) {
+            Ok(v) if !v.is_empty() && v != default => suffix.push_str(&format!(" {name}={v}")),
+            _ => {}
+        }
+    }
+    suffix
 }
 
 fn dcae(ctx: &Ctx, a: &DcaeArgs) -> Result<Record> {
@@ -561,6 +581,42 @@ fn step_times(log: &[(String, f64)]) -> (Vec<f64>, Vec<f64>, Option<f64>) {
     (g, d, log.get(skip.max(1) - 1).map(|s| s.1))
 }
 
+/// Mean seconds per stage of the timed G and D steps (the `"stages"` of each metrics line, written with
+/// `--profile`), leaving out the same warm-up steps as [`step_times`].
+fn stage_means(path: &Path) -> (Map<String, Value>, Map<String, Value>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("phase").is_some())
+        .collect();
+    let skip = if lines.len() >= 4 { 2 } else { 1 };
+    let mut sums: [Vec<(String, f64, usize)>; 2] = [Vec::new(), Vec::new()];
+    for line in lines.iter().skip(skip) {
+        let phase = usize::from(line.get("phase").and_then(Value::as_str) != Some("G"));
+        let Some(stages) = line.get("stages").and_then(Value::as_object) else {
+            continue;
+        };
+        for (name, secs) in stages {
+            let secs = secs.as_f64().unwrap_or(0.0);
+            match sums[phase].iter_mut().find(|(n, ..)| n == name) {
+                Some((_, total, n)) => {
+                    *total += secs;
+                    *n += 1;
+                }
+                None => sums[phase].push((name.clone(), secs, 1)),
+            }
+        }
+    }
+    let [g, d] = sums.map(|stages| {
+        stages
+            .into_iter()
+            .map(|(name, total, n)| (name, Value::from(total / n as f64)))
+            .collect::<Map<_, _>>()
+    });
+    (g, d)
+}
+
 /// A training run being measured: enough to turn its metrics.jsonl into a result at any moment.
 #[derive(Clone)]
 struct TrainRun {
@@ -588,6 +644,12 @@ impl TrainRun {
         put(&mut metrics, "d_step_s", mean(&d));
         metrics.insert("g_steps_timed".into(), g.len().into());
         metrics.insert("d_steps_timed".into(), d.len().into());
+        let (g_stages, d_stages) = stage_means(&self.metrics_path);
+        for (prefix, stages) in [("g_stage_", g_stages), ("d_stage_", d_stages)] {
+            for (name, secs) in stages {
+                metrics.insert(format!("{prefix}{name}_s"), secs);
+            }
+        }
         let window = timed_from.and_then(|from| {
             let last = log.last()?.1;
             Some((
@@ -661,11 +723,13 @@ fn train_key(smoke: bool, a: &TrainArgs) -> String {
         ""
     };
     format!(
-        "train-step {} {}px b{} {}{ckpt}",
+        "train-step {} {}px b{} {}{ckpt}{}{}",
         a.config,
         z.resolution,
         z.batch,
-        a.mixed_precision.name()
+        a.mixed_precision.name(),
+        if a.profile { " profiled" } else { "" },
+        variant_suffix()
     )
 }
 
@@ -713,6 +777,7 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
         .into_iter()
         .collect();
     o.device = ctx.device.clone();
+    o.profile = a.profile;
     let run = TrainRun {
         key: train_key(ctx.smoke, a),
         params: json!({"config": a.config, "layers": cfg.num_layers, "resolution": res, "batch": z.batch,
@@ -720,7 +785,9 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
                        "gradient_checkpointing": a.gradient_checkpointing,
                        "mixed_precision": a.mixed_precision.name(), "steps": steps,
                        "train_largest_timestep": true, "misaligned_pairs_D": true,
-                       "head_block_ids": o.head_block_ids}),
+                       "head_block_ids": o.head_block_ids, "profile": a.profile,
+                       "cuda_pool_release_threshold": std::env::var(device::POOL_RELEASE_ENV)
+                           .unwrap_or_else(|_| "keep".into())}),
         steps,
         metrics_path: out.join("metrics.jsonl"),
         started: Instant::now(),
@@ -742,6 +809,24 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
     let result = trainer::run(&o);
     let samples = sampler.stop();
     let mut record = run.record(&samples, true);
+    if let Some(pool) = device::pool_stats(&ctx.device).ok().flatten() {
+        let gib = |b: u64| Value::from(b as f64 / 1073741824.0);
+        let m = &mut record.metrics;
+        m.insert("pool_used_high_gib".into(), gib(pool.used_high_bytes));
+        m.insert(
+            "pool_reserved_high_gib".into(),
+            gib(pool.reserved_high_bytes),
+        );
+        m.insert("pool_reserved_end_gib".into(), gib(pool.reserved_bytes));
+        m.insert(
+            "pool_release_threshold".into(),
+            if pool.release_threshold_bytes == u64::MAX {
+                Value::from("keep")
+            } else {
+                Value::from(pool.release_threshold_bytes)
+            },
+        );
+    }
     let _ = std::fs::remove_dir_all(&out);
     let summary = result?;
     anyhow::ensure!(
