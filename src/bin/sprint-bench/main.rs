@@ -101,6 +101,9 @@ struct DcaeArgs {
     /// Timed iterations (after one warm-up).
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// Let f32 matmuls use TF32 tensor cores (as PyTorch's cuDNN convolutions do by default).
+    #[arg(long)]
+    tf32: bool,
 }
 
 #[derive(Args, Debug)]
@@ -318,7 +321,8 @@ fn dcae_sizes(smoke: bool, a: &DcaeArgs) -> (usize, usize, usize) {
 
 fn dcae_key(smoke: bool, a: &DcaeArgs) -> String {
     let (res, batch, _) = dcae_sizes(smoke, a);
-    format!("dcae f32 {res}px b{batch}{}", variant_suffix())
+    let tf32 = if a.tf32 { " tf32" } else { "" };
+    format!("dcae f32 {res}px b{batch}{tf32}{}", variant_suffix())
 }
 
 /// The non-default device settings of this process ([`sana_sprint::nn::conv::DEVICE_CONV_ENV`],
@@ -339,6 +343,7 @@ fn variant_suffix() -> String {
 
 fn dcae(ctx: &Ctx, a: &DcaeArgs) -> Result<Record> {
     let (res, batch, iters) = dcae_sizes(ctx.smoke, a);
+    candle_core::cuda::set_gemm_reduced_precision_f32(a.tf32);
     let cfg: DcaeConfig = serde_json::from_str(random::SANA_VAE_CONFIG)?;
     let vb = VarBuilder::from_backend(
         Box::new(random::DeviceRandom {

@@ -7,7 +7,11 @@
 //! result is printed too (information only: how much bf16 itself moves the result). On `--device cpu` the
 //! checks compare the CPU with itself and pass trivially; the bf16-vs-f32 figures are still meaningful.
 //!
-//! One exception: the discriminator heads' gradients in bf16 get 0.25. BatchNormLocal over a few tokens
+//! In bf16 the tolerance is the larger of 3e-2 and the CPU's own bf16-vs-f32 distance for that output: two bf16
+//! implementations that round in different places can differ by as much as bf16 itself moves the result (the
+//! DC-AE decoder, where bf16 alone moves the image by ~5%, differed between an H200 and the CPU by 4.4%).
+//!
+//! One more exception: the discriminator heads' gradients in bf16 get 0.25. BatchNormLocal over a few tokens
 //! cancels most of the gradient reaching the convolutions in front of it, so the rounding of the bf16 teacher
 //! features is amplified about 40×: bf16 alone moves these gradients by ~15% on the CPU (`cpu bf16 vs cpu
 //! f32`), and two bf16 implementations that round in different places differ by a fraction of that.
@@ -341,7 +345,6 @@ pub fn run(tiny: &Path, device: &Device, mut report: impl FnMut(&Check)) -> Resu
             };
             let on_device = f(tiny, dtype, device)?;
             for ((part, d), (_, c)) in on_device.iter().zip(&cpu) {
-                let tol = tolerance_of(part, dtype);
                 let rel = rel_l2(std::slice::from_ref(d), std::slice::from_ref(c))?;
                 let bf16_vs_f32 = (dtype != DType::F32)
                     .then(|| {
@@ -349,6 +352,9 @@ pub fn run(tiny: &Path, device: &Device, mut report: impl FnMut(&Check)) -> Resu
                         rel_l2(std::slice::from_ref(c), std::slice::from_ref(reference)).ok()
                     })
                     .flatten();
+                // in bf16, a device that rounds elsewhere may differ from the CPU by as much as bf16 itself
+                // moves the result
+                let tol = tolerance_of(part, dtype).max(bf16_vs_f32.unwrap_or(0.0));
                 let check = Check {
                     name: format!("{name}: {part}"),
                     dtype: format!("{dtype:?}").to_lowercase(),
