@@ -160,7 +160,7 @@ step 75  ref  encode --batch 4 --resolution 1024 --iters 3
 step 120 ours train-step "${tsa[@]}" --batch 1 --gradient_checkpointing --steps 6
 step 100 ref  train-step "${tsa[@]}" --batch 1 --gradient_checkpointing --steps 6
 SANA_SPRINT_CUDA_POOL_RELEASE=0 step 100 ours train-step "${tsa[@]}" --batch 1 --gradient_checkpointing --steps 6
-step 45  ours dcae --batch 1 --resolution 1024 --iters 5
+step 45  ours dcae --batch 1 --resolution 1024 --iters 5 --profile
 step 60  ref  dcae --batch 1 --resolution 1024 --iters 5
 SANA_SPRINT_DEVICE_CONV=candle step 45 ours dcae --batch 1 --resolution 1024 --iters 5
 step 45  ours gemma --tokens 300 --batch 8 --iters 10

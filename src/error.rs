@@ -42,6 +42,10 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     Arg(String),
 
+    /// A multi-process run's ranks could not meet or talk (the message starts with this process's rank).
+    #[error("distributed run, {0}")]
+    Dist(String),
+
     #[error(transparent)]
     Lance(#[from] lance::Error),
 

@@ -16,6 +16,7 @@ use crate::nn::conv::{
 };
 use crate::nn::depthwise::depthwise_conv2d;
 use crate::nn::norm::rms_norm_channels;
+use crate::profile;
 
 /// Every DC-AE norm (RMSNorm and BatchNorm2d) uses this epsilon.
 const NORM_EPS: f64 = 1e-5;
@@ -821,12 +822,20 @@ impl Block {
 
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // `--profile` stages (no-ops unless a profile runs on this thread)
+        let mark = |y: Tensor, stage: &'static str| -> Result<Tensor> {
+            profile::mark(stage).map_err(candle_core::Error::wrap)?;
+            Ok(y)
+        };
         match self {
-            Self::Conv(c) => c.forward(x),
-            Self::Res(b) => b.forward(x),
-            Self::EfficientVit(b) => b.conv_out.forward(&b.attn.forward(x)?),
-            Self::Down(b) => b.forward(x),
-            Self::Up(b) => b.forward(x),
+            Self::Conv(c) => mark(c.forward(x)?, "dcae_conv"),
+            Self::Res(b) => mark(b.forward(x)?, "dcae_resblock"),
+            Self::EfficientVit(b) => {
+                let h = mark(b.attn.forward(x)?, "dcae_attention")?;
+                mark(b.conv_out.forward(&h)?, "dcae_glumbconv")
+            }
+            Self::Down(b) => mark(b.forward(x)?, "dcae_down"),
+            Self::Up(b) => mark(b.forward(x)?, "dcae_up"),
         }
     }
 }
@@ -926,14 +935,17 @@ impl DcaeEncoder {
             )
         }
         let mut hidden = self.conv_in.forward(x)?;
+        profile::mark("dcae_conv_in").map_err(candle_core::Error::wrap)?;
         for blocks in &self.down_blocks {
             hidden = run(blocks, hidden)?;
         }
         let out = self.conv_out.forward(&hidden)?;
-        match self.out_shortcut_group {
-            Some(group) => out + channel_group_mean(&hidden, group)?,
-            None => Ok(out),
-        }
+        let out = match self.out_shortcut_group {
+            Some(group) => (out + channel_group_mean(&hidden, group)?)?,
+            None => out,
+        };
+        profile::mark("dcae_conv_out").map_err(candle_core::Error::wrap)?;
+        Ok(out)
     }
 }
 

@@ -14,9 +14,9 @@ use crate::models::student::ComputeModels;
 use crate::models::trigflow::SanaTrigFlow;
 use crate::nn::checkpoint::Recompute;
 use crate::nn::dual::Dual;
+use crate::profile;
 use crate::rng::SeededRng;
 use crate::train::loss::{self, TimestepSampler, TANGENT_NORM_CONST};
-use crate::train::profile;
 use crate::{Error, Result};
 
 /// `--largest_timestep` default: the reference's literal 1.5708, slightly above π/2 (kept as given, docs/ALGORITHM.md §7; diffusers `SanaSprintPipeline.__call__` + `SCMScheduler.step`).

@@ -19,6 +19,7 @@ use crate::models::sana::{SanaConfig, SanaTransformer2DModel, TextContext};
 use crate::models::student::{ComputeModels, Student};
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
+use crate::profile;
 use crate::rng::SeededRng;
 use crate::store::{compat, LatentStore};
 use crate::train::checkpoint::{self, Phase, TrainerState, CHECKPOINT_VERSION};
@@ -27,7 +28,6 @@ use crate::train::loader::{
 };
 use crate::train::optim::{clip_grad_norm, AdamW, LrSchedule};
 pub use crate::train::options::TrainOptions;
-use crate::train::profile;
 use crate::train::step::{self, DiscriminatorDraws, GeneratorDraws, Models};
 use crate::train::validation::{ValidationSettings, Validator};
 use crate::{Error, Result};

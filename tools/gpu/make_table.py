@@ -120,6 +120,10 @@ def table(rows, card):
             metrics = sorted({m for r in (ours_r, ref_r) if r for m, v in r.get("metrics", {}).items()
                               if isinstance(v, (int, float))})
             layout = [(m, m) for m in metrics] or [("status", "(no result)")]
+        if key.startswith("dcae"):
+            # --profile: seconds per block type of one synchronised pass
+            stages = [m for r in (ours_r, ref_r) for m in (r or {}).get("metrics", {}) if m.startswith("stage_")]
+            layout = layout + [(m, f"{m[6:-2]} s (one synchronised pass)") for m in dict.fromkeys(stages)]
         if key.startswith("train-step"):
             # --profile: the stages of either side, G then D, in the order they ran
             stages = []

@@ -104,6 +104,9 @@ struct DcaeArgs {
     /// Let f32 matmuls use TF32 tensor cores (as PyTorch's cuDNN convolutions do by default).
     #[arg(long)]
     tf32: bool,
+    /// After the timed runs, one more pass with device-synchronised timers per block type (`stage_*_s`).
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args, Debug)]
@@ -360,6 +363,13 @@ fn dcae(ctx: &Ctx, a: &DcaeArgs) -> Result<Record> {
     let s = median(&times);
     let mut metrics = Map::new();
     metrics.insert("images_per_s".into(), (batch as f64 / s).into());
+    if a.profile {
+        sana_sprint::profile::start(&ctx.device)?;
+        encoder.forward(&image)?;
+        for (stage, secs) in sana_sprint::profile::finish().unwrap_or_default() {
+            metrics.insert(format!("stage_{stage}_s"), secs.into());
+        }
+    }
     metrics.insert("s_per_batch".into(), s.into());
     let mut notes = vec![format!("median of {} runs after 1 warm-up", times.len())];
     add_device_metrics(&mut metrics, &mut notes, &samples, Some((from, to)));

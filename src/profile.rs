@@ -1,4 +1,5 @@
-//! Per-stage timers of a training step (`sprint-train --profile`, `sprint-bench train-step --profile`).
+//! Device-synchronised stage timers: the stages of a training step (`sprint-train --profile`, `sprint-bench
+//! train-step --profile`) and the blocks of the DC-AE encoder (`sprint-bench dcae --profile`).
 //!
 //! GPU work is asynchronous: a host timer around a stage measures only the time to queue its kernels. When
 //! profiling is on, every [`mark`] therefore synchronises the device first and charges the time since the
@@ -7,8 +8,8 @@
 //! a little slower than an unprofiled one; compare stages with each other and with the reference's stages,
 //! not a profiled step with a plain one.
 //!
-//! The timers are thread-local: the training loop runs on one thread, and the step maths ([`super::step`]) marks
-//! its stages without carrying a timer through every signature. Without [`start`] on the current thread,
+//! The timers are thread-local: the training loop runs on one thread, and the step maths ([`crate::train::step`]) marks
+//! its stages (and the DC-AE encoder its blocks) without carrying a timer through every signature. Without [`start`] on the current thread,
 //! [`mark`] does nothing and costs one thread-local lookup.
 
 use std::cell::RefCell;
