@@ -19,8 +19,19 @@ use candle_core::Device;
 
 use crate::Result;
 
-/// One stage's accumulated seconds within a step, in the order the stages first ran.
-pub type Stages = Vec<(&'static str, f64)>;
+/// One stage of a profiled step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub name: &'static str,
+    /// Seconds, summed over every time the stage ran in the step.
+    pub secs: f64,
+    /// On CUDA: the highest memory held by live tensors while the stage ran (the device memory pool's
+    /// high-water mark, restarted at every mark); `None` elsewhere.
+    pub peak_bytes: Option<u64>,
+}
+
+/// A step's stages, in the order they first ran.
+pub type Stages = Vec<Stage>;
 
 struct Timer {
     device: Device,
@@ -35,6 +46,7 @@ thread_local! {
 /// Starts timing a step on this thread: waits for the device's queued work, then the clock runs.
 pub fn start(device: &Device) -> Result<()> {
     device.synchronize()?;
+    crate::device::reset_pool_peaks(device)?;
     TIMER.with(|t| {
         *t.borrow_mut() = Some(Timer {
             device: device.clone(),
@@ -59,16 +71,27 @@ pub fn mark(stage: &'static str) -> Result<()> {
     };
     device.synchronize()?;
     let now = Instant::now();
+    let peak = crate::device::pool_stats(&device)?.map(|p| p.used_high_bytes);
     TIMER.with(|t| {
         if let Some(timer) = t.borrow_mut().as_mut() {
             let secs = now.duration_since(timer.last).as_secs_f64();
             timer.last = now;
-            match timer.stages.iter_mut().find(|(name, _)| *name == stage) {
-                Some((_, total)) => *total += secs,
-                None => timer.stages.push((stage, secs)),
+            match timer.stages.iter_mut().find(|s| s.name == stage) {
+                Some(s) => {
+                    s.secs += secs;
+                    s.peak_bytes = s.peak_bytes.max(peak);
+                }
+                None => timer.stages.push(Stage {
+                    name: stage,
+                    secs,
+                    peak_bytes: peak,
+                }),
             }
         }
     });
+    if peak.is_some() {
+        crate::device::reset_pool_peaks(&device)?;
+    }
     Ok(())
 }
 
@@ -96,10 +119,11 @@ mod tests {
         mark("a").unwrap();
         let stages = finish().unwrap();
         assert!(!active());
-        let names: Vec<_> = stages.iter().map(|(n, _)| *n).collect();
+        let names: Vec<_> = stages.iter().map(|s| s.name).collect();
         assert_eq!(names, ["a", "b"]);
-        assert!(stages[0].1 >= 0.04, "{stages:?}");
-        assert!(stages[1].1 < 0.02, "{stages:?}");
+        assert!(stages[0].secs >= 0.04, "{stages:?}");
+        assert!(stages[1].secs < 0.02, "{stages:?}");
+        assert!(stages.iter().all(|s| s.peak_bytes.is_none()));
         mark("after").unwrap();
         assert_eq!(finish(), None);
     }

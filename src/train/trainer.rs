@@ -697,12 +697,7 @@ impl<'a> Trainer<'a> {
         let samples_per_s = self.rate.per_s();
         let (state, last) = (&self.state, &self.last);
         let lr_g = self.schedule.lr_at(state.generator_updates);
-        let stages = profile::finish().map(|stages| {
-            stages
-                .into_iter()
-                .map(|(name, secs)| (name.to_string(), serde_json::Value::from(secs)))
-                .collect::<serde_json::Map<_, _>>()
-        });
+        let stages = profile::finish();
         let mut line = serde_json::json!({
             "step": state.global_step,
             "phase": step.phase.name(),
@@ -719,7 +714,23 @@ impl<'a> Trainer<'a> {
             "nan_skips": state.nan_skips,
         });
         if let Some(stages) = stages {
-            line["stages"] = stages.into();
+            let secs: serde_json::Map<_, _> = stages
+                .iter()
+                .map(|s| (s.name.to_string(), s.secs.into()))
+                .collect();
+            line["stages"] = secs.into();
+            let peaks: serde_json::Map<_, _> = stages
+                .iter()
+                .filter_map(|s| {
+                    Some((
+                        s.name.to_string(),
+                        (s.peak_bytes? as f64 / 1073741824.0).into(),
+                    ))
+                })
+                .collect();
+            if !peaks.is_empty() {
+                line["stage_peak_gib"] = peaks.into();
+            }
         }
         self.metrics.write(line)?;
         self.bar.set_position(state.global_step);

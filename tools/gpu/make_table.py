@@ -132,7 +132,9 @@ def table(rows, card):
                     for m in (r or {}).get("metrics", {}):
                         if m.startswith(phase) and m not in stages:
                             stages.append(m)
-            layout = layout + [(m, f"{m[0].upper()} stage {m[8:-2]} s (synchronised)") for m in stages]
+            layout = layout + [(m, f"{m[0].upper()} stage {m[8:-9]} peak GiB (CUDA pool, live tensors)")
+                               if m.endswith("_peak_gib") else (m, f"{m[0].upper()} stage {m[8:-2]} s (synchronised)")
+                               for m in stages]
         if layout and all(cell(r, m)[0] is None for r in (ours_r, ref_r) for m, _ in layout) \
                 and not key.startswith("parity"):
             layout = [("status", "(no result)")]

@@ -366,8 +366,8 @@ fn dcae(ctx: &Ctx, a: &DcaeArgs) -> Result<Record> {
     if a.profile {
         sana_sprint::profile::start(&ctx.device)?;
         encoder.forward(&image)?;
-        for (stage, secs) in sana_sprint::profile::finish().unwrap_or_default() {
-            metrics.insert(format!("stage_{stage}_s"), secs.into());
+        for stage in sana_sprint::profile::finish().unwrap_or_default() {
+            metrics.insert(format!("stage_{}_s", stage.name), stage.secs.into());
         }
     }
     metrics.insert("s_per_batch".into(), s.into());
@@ -607,8 +607,22 @@ fn stage_means(path: &Path) -> (Map<String, Value>, Map<String, Value>) {
         .collect();
     let skip = if lines.len() >= 4 { 2 } else { 1 };
     let mut sums: [Vec<(String, f64, usize)>; 2] = [Vec::new(), Vec::new()];
+    let mut peaks: [Vec<(String, f64)>; 2] = [Vec::new(), Vec::new()];
     for line in lines.iter().skip(skip) {
         let phase = usize::from(line.get("phase").and_then(Value::as_str) != Some("G"));
+        // the highest pool memory of each stage over the timed steps
+        for (name, gib) in line
+            .get("stage_peak_gib")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let gib = gib.as_f64().unwrap_or(0.0);
+            match peaks[phase].iter_mut().find(|(n, _)| n == name) {
+                Some((_, max)) => *max = max.max(gib),
+                None => peaks[phase].push((name.clone(), gib)),
+            }
+        }
         let Some(stages) = line.get("stages").and_then(Value::as_object) else {
             continue;
         };
@@ -623,12 +637,18 @@ fn stage_means(path: &Path) -> (Map<String, Value>, Map<String, Value>) {
             }
         }
     }
-    let [g, d] = sums.map(|stages| {
+    let [mut g, mut d] = sums.map(|stages| {
         stages
             .into_iter()
             .map(|(name, total, n)| (name, Value::from(total / n as f64)))
             .collect::<Map<_, _>>()
     });
+    let [g_peaks, d_peaks] = peaks;
+    for (map, peaks) in [(&mut g, g_peaks), (&mut d, d_peaks)] {
+        for (name, gib) in peaks {
+            map.insert(format!("{name}_peak_gib"), gib.into());
+        }
+    }
     (g, d)
 }
 
@@ -661,8 +681,13 @@ impl TrainRun {
         metrics.insert("d_steps_timed".into(), d.len().into());
         let (g_stages, d_stages) = stage_means(&self.metrics_path);
         for (prefix, stages) in [("g_stage_", g_stages), ("d_stage_", d_stages)] {
-            for (name, secs) in stages {
-                metrics.insert(format!("{prefix}{name}_s"), secs);
+            for (name, value) in stages {
+                let unit = if name.ends_with("_peak_gib") {
+                    ""
+                } else {
+                    "_s"
+                };
+                metrics.insert(format!("{prefix}{name}{unit}"), value);
             }
         }
         let window = timed_from.and_then(|from| {
