@@ -495,9 +495,12 @@ mod tests {
     use crate::nn::test_util::max_abs_diff;
     use candle_core::{Device, IndexOp};
 
-    /// (batch, in channels, out channels, height, width, kernel, padding, stride) of the convolution tests:
-    /// strides 1–3, paddings 0–2, 1x1 to 5x5 kernels, odd sizes, and 7 rows that stride 2 does not divide.
-    const CASES: [(usize, usize, usize, usize, usize, usize, usize, usize); 13] = [
+    /// (batch, in channels, out channels, height, width, kernel, padding, stride).
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    /// The convolution tests' cases: strides 1–3, paddings 0–2, 1x1 to 5x5 kernels, odd sizes, and 7 rows that
+    /// stride 2 does not divide.
+    const CASES: [Case; 13] = [
         (1, 3, 5, 7, 6, 3, 1, 1),
         (2, 4, 3, 6, 8, 3, 1, 1),
         (1, 2, 4, 8, 8, 3, 1, 2),
@@ -515,7 +518,7 @@ mod tests {
 
     /// Random input, weight (both `Var`s, for gradients) and bias of one case, and candle's convolution of them.
     fn case_with_reference(
-        (b, c, o, h, w, k, pad, stride): (usize, usize, usize, usize, usize, usize, usize, usize),
+        (b, c, o, h, w, k, pad, stride): Case,
     ) -> Result<(candle_core::Var, candle_core::Var, Tensor, Tensor)> {
         let dev = Device::Cpu;
         let x = candle_core::Var::randn(0f32, 1., (b, c, h, w), &dev)?;
