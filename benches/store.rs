@@ -207,6 +207,7 @@ fn loader_throughput(path: &std::path::Path, n: usize) {
             drop_last: true,
             prefetch: 4,
             sigma_data: 0.5,
+            shard: (0, 1),
         };
         let cpu = sana_sprint::system::cpu_seconds().unwrap_or(0.0);
         let store = LatentStore::open(path).unwrap();

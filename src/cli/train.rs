@@ -332,7 +332,13 @@ impl TrainArgs {
         o.upcast_before_saving = a.upcast_before_saving;
         o.allow_store_mismatch = a.allow_store_mismatch;
         o.profile = a.profile;
+        o.dist = crate::dist::LaunchEnv::from_env()?;
         let device = fill(&mut a.device, &device::default_device().to_string());
+        // under torchrun / Slurm, `cuda` is this node's GPU of the process's local rank
+        let device = match (&o.dist, device.as_str()) {
+            (Some(env), "cuda") => format!("cuda:{}", env.local_rank),
+            _ => device,
+        };
         o.device = device::parse_device(&device)?;
         o.prefetch = fill(&mut a.dataloader_num_workers, &o.prefetch).max(1);
         o.progress = !a.no_progress;

@@ -75,6 +75,13 @@ pub struct TrainerState {
     pub store_rows: usize,
     pub train_batch_size: usize,
     pub gradient_accumulation_steps: usize,
+    /// Ranks of a data-parallel run (1 for checkpoints written before multi-process runs existed).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// `checkpoint-{step}`.

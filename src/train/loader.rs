@@ -36,6 +36,10 @@ pub struct LoaderOptions {
     pub prefetch: usize,
     /// σd, applied to the latents with the VAE scaling factor.
     pub sigma_data: f32,
+    /// `(rank, world size)` of a data-parallel run: global batch k is positions `[k·W·b, (k+1)·W·b)` of the
+    /// epoch's permutation and this rank reads `[k·W·b + r·b, k·W·b + (r+1)·b)`, so W ranks with batch b read
+    /// exactly the batches of one process with batch W·b. `(0, 1)` for a single process.
+    pub shard: (usize, usize),
 }
 
 impl Default for LoaderOptions {
@@ -46,6 +50,7 @@ impl Default for LoaderOptions {
             drop_last: true,
             prefetch: 4,
             sigma_data: 0.5,
+            shard: (0, 1),
         }
     }
 }
@@ -234,6 +239,8 @@ impl NegativePrompt {
 /// The batches from `start` on, endlessly: `(position, store offsets)`, a pure function of (seed, epoch, batch).
 struct BatchPlan {
     rows: usize,
+    /// (rank, world size): this rank's slice of each global batch.
+    shard: (usize, usize),
     batch_size: usize,
     per_epoch: u64,
     seed: u64,
@@ -252,6 +259,7 @@ impl BatchPlan {
     ) -> Self {
         Self {
             rows,
+            shard: (0, 1),
             batch_size,
             per_epoch,
             seed,
@@ -271,7 +279,8 @@ impl Iterator for BatchPlan {
             self.perm = epoch_permutation(self.rows, self.seed, pos.epoch);
             self.perm_epoch = Some(pos.epoch);
         }
-        let lo = pos.batch as usize * self.batch_size;
+        let (rank, world) = self.shard;
+        let lo = (pos.batch as usize * world + rank) * self.batch_size;
         let hi = (lo + self.batch_size).min(self.rows);
         self.pos = pos.next(self.per_epoch);
         Some((pos, self.perm[lo..hi].to_vec()))
@@ -319,13 +328,25 @@ impl StoreLoader {
         if opts.batch_size == 0 {
             return Err(Error::Arg("the batch size must be at least 1".into()));
         }
+        let (rank, world) = opts.shard;
+        if world == 0 || rank >= world {
+            return Err(Error::Arg(format!(
+                "rank {rank} of a world of {world} processes"
+            )));
+        }
         let rows = store.len()?;
-        let per_epoch = batches_per_epoch(rows, opts.batch_size, opts.drop_last);
+        let global = opts.batch_size * world;
+        let per_epoch = batches_per_epoch(rows, global, opts.drop_last);
         if per_epoch == 0 {
+            let ranks = if world > 1 {
+                format!(" × {world} ranks")
+            } else {
+                String::new()
+            };
             return Err(Error::store(
                 store.path(),
                 format!(
-                    "{rows} rows is less than one batch of {} (--train_batch_size)",
+                    "{rows} rows is less than one batch of {} (--train_batch_size){ranks}",
                     opts.batch_size
                 ),
             ));
@@ -345,7 +366,10 @@ impl StoreLoader {
             .spawn(move || {
                 let reader = store.row_reader();
                 let handle = store.runtime().handle().clone();
-                let plan = BatchPlan::new(rows, opts.batch_size, per_epoch, opts.seed, start);
+                let plan = BatchPlan {
+                    shard: (rank, world),
+                    ..BatchPlan::new(rows, opts.batch_size, per_epoch, opts.seed, start)
+                };
                 let sigma_data = opts.sigma_data;
                 // `buffered` yields in plan order whatever order the spawned reads finish in.
                 let mut batches = futures::stream::iter(plan)

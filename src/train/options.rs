@@ -56,6 +56,9 @@ pub struct TrainOptions {
     /// Time each stage of every step with device-synchronised timers and write them to `metrics.jsonl`
     /// (`"stages"`, seconds); see [`crate::train::profile`].
     pub profile: bool,
+    /// This process's place in a data-parallel run started by torchrun or Slurm (`None`: a single process).
+    /// `--device cpu` ranks talk over the CPU ring collective ([`crate::dist::tcp::TcpRing`]).
+    pub dist: Option<crate::dist::LaunchEnv>,
     /// The run's full configuration, written to `output_dir/train_config.json`.
     pub config_json: serde_json::Value,
     /// Test hook: batches (by consumption index) whose loss is replaced by NaN.
@@ -105,6 +108,7 @@ impl TrainOptions {
             prefetch: 4,
             progress: false,
             profile: false,
+            dist: None,
             config_json: serde_json::Value::Null,
             inject_nan_batches: Vec::new(),
             kill_after_step: None,

@@ -229,6 +229,65 @@ impl DiscriminatorDraws {
     }
 }
 
+impl LargestTimestepDraws {
+    fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            t_normal: self
+                .t_normal
+                .as_ref()
+                .map(|t| t.narrow(0, start, len))
+                .transpose()?,
+            uniform: self.uniform.narrow(0, start, len)?,
+            noise: self.noise.narrow(0, start, len)?,
+        })
+    }
+}
+
+impl GeneratorDraws {
+    /// Samples `start..start + len` of every draw: a data-parallel rank's share of the draws of its global
+    /// batch (drawn whole, so that W ranks draw exactly what one process with the global batch draws).
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        let n = |t: &Tensor| t.narrow(0, start, len);
+        Ok(Self {
+            noise: n(&self.noise)?,
+            t_normal: n(&self.t_normal)?,
+            cfg: n(&self.cfg)?,
+            largest: self
+                .largest
+                .as_ref()
+                .map(|l| l.narrow(start, len))
+                .transpose()?,
+            t_d_normal: n(&self.t_d_normal)?,
+            noise_d: n(&self.noise_d)?,
+        })
+    }
+}
+
+impl DiscriminatorDraws {
+    /// As [`GeneratorDraws::narrow`]; the misaligned pairs roll within the rank's share (as under DDP in the
+    /// reference), so a share of one sample has none.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        let n = |t: &Tensor| t.narrow(0, start, len);
+        Ok(Self {
+            noise: n(&self.noise)?,
+            t_normal: n(&self.t_normal)?,
+            cfg: n(&self.cfg)?,
+            largest: self
+                .largest
+                .as_ref()
+                .map(|l| l.narrow(start, len))
+                .transpose()?,
+            t_d_normal: n(&self.t_d_normal)?,
+            noise_fake: n(&self.noise_fake)?,
+            noise_real: n(&self.noise_real)?,
+            shift: match &self.shift {
+                Some((t, noise)) if len > 1 => Some((n(t)?, n(noise)?)),
+                _ => None,
+            },
+        })
+    }
+}
+
 /// The networks a step uses. `student` reads the trainable variables (its passes build a graph);
 /// `student_frozen` computes with the same values without a graph (JVP and no-grad passes).
 #[derive(Clone, Copy)]

@@ -19,6 +19,8 @@ use crate::models::sana::{SanaConfig, SanaTransformer2DModel, TextContext};
 use crate::models::student::{ComputeModels, Student};
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
+use crate::dist::tcp::TcpRing;
+use crate::dist::timeout_from_env;
 use crate::profile;
 use crate::rng::SeededRng;
 use crate::store::{compat, LatentStore};
@@ -60,6 +62,33 @@ struct Last {
     d: Option<f64>,
     grad_norm_g: Option<f64>,
     grad_norm_d: Option<f64>,
+}
+
+/// Replaces the gradients of `vars` in `acc` by their mean over the ranks: one all-reduce of a single flat f32
+/// buffer (every rank holds the same set of gradients, in the same order).
+fn average_gradients(
+    ring: &mut TcpRing,
+    acc: &mut GradStore,
+    vars: &[Var],
+    device: &candle_core::Device,
+) -> Result<()> {
+    let mut flat: Vec<f32> = Vec::new();
+    let mut parts = Vec::new();
+    for var in vars {
+        if let Some(g) = acc.get(var.as_tensor()) {
+            let values = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            parts.push((var, g.dims().to_vec(), g.dtype(), flat.len(), values.len()));
+            flat.extend(values);
+        }
+    }
+    ring.all_reduce_sum(&mut flat)?;
+    let w = ring.world_size() as f32;
+    for (var, dims, dtype, offset, len) in parts {
+        let mean: Vec<f32> = flat[offset..offset + len].iter().map(|v| v / w).collect();
+        let g = Tensor::from_vec(mean, dims, device)?.to_dtype(dtype)?;
+        acc.insert(var.as_tensor(), g);
+    }
+    Ok(())
 }
 
 /// Adds the gradients of `vars` found in `grads` into `acc`.
@@ -245,6 +274,7 @@ fn resumed_state(dir: &Path, opts: &TrainOptions, store_rows: usize) -> Result<T
             state.gradient_accumulation_steps,
             opts.gradient_accumulation_steps,
         ),
+        ("the number of ranks", state.world_size, world_size(opts)),
     ] {
         if saved != now {
             return Err(Error::model(
@@ -274,7 +304,29 @@ fn fresh_state(opts: &TrainOptions, store_rows: usize) -> TrainerState {
         store_rows,
         train_batch_size: opts.train_batch_size,
         gradient_accumulation_steps: opts.gradient_accumulation_steps,
+        world_size: world_size(opts),
     }
+}
+
+/// Ranks of the run (1 for a single process).
+fn world_size(opts: &TrainOptions) -> usize {
+    opts.dist.as_ref().map_or(1, |d| d.world_size)
+}
+
+/// The CPU ring of a multi-process run; `None` for one process. A multi-GPU run needs NCCL, which is not built
+/// yet: refused with what to do instead.
+fn join_ranks(opts: &TrainOptions) -> Result<Option<TcpRing>> {
+    let Some(env) = opts.dist.as_ref().filter(|d| d.world_size > 1) else {
+        return Ok(None);
+    };
+    if !opts.device.is_cpu() {
+        return Err(Error::Arg(format!(
+            "this is rank {} of {} ({:?} variables found), but training across several GPUs needs NCCL, which \
+             this build does not have yet: run one process per machine, or --device cpu for the CPU collective",
+            env.rank, env.world_size, env.launcher
+        )));
+    }
+    Ok(Some(TcpRing::rendezvous(env, timeout_from_env()?)?))
 }
 
 /// The student and the discriminator heads: from the checkpoint in `resume` or freshly from the teacher.
@@ -399,7 +451,8 @@ struct Trainer<'a> {
     lr_d: f64,
     state: TrainerState,
     validator: Option<Validator>,
-    metrics: MetricsLog,
+    /// Rank 0's `metrics.jsonl` (`None` on the other ranks).
+    metrics: Option<MetricsLog>,
     bar: ProgressBar,
     /// Gradients accumulated over the micro-steps of the current update.
     acc: GradStore,
@@ -408,14 +461,40 @@ struct Trainer<'a> {
     rate: SampleRate,
     checkpoints: Vec<PathBuf>,
     validation_images: Vec<PathBuf>,
+    /// The other ranks of a data-parallel run (`None`: a single process).
+    ring: Option<TcpRing>,
 }
 
 impl<'a> Trainer<'a> {
+    /// Rank 0 (or the only process) writes every file.
+    fn is_main(&self) -> bool {
+        self.ring.as_ref().is_none_or(|r| r.rank() == 0)
+    }
+
+    fn world(&self) -> (usize, usize) {
+        self.ring
+            .as_ref()
+            .map_or((0, 1), |r| (r.rank(), r.world_size()))
+    }
+
+    /// Waits for every rank (no-op for one process).
+    fn barrier(&mut self) -> Result<()> {
+        match self.ring.as_mut() {
+            Some(ring) => ring.barrier(),
+            None => Ok(()),
+        }
+    }
+
     /// Validates the options, opens the store and checks it against the teacher, finds the resume point,
     /// starts the loader, builds the models and optimisers, and prepares the output folder.
     fn setup(opts: &'a TrainOptions) -> Result<Self> {
         opts.check()?;
         let started = Instant::now();
+        let ring = join_ranks(opts)?;
+        let (rank, world) = ring
+            .as_ref()
+            .map_or((0, 1), |r| (r.rank(), r.world_size()));
+        let main = rank == 0;
         let (device, dtype) = (&opts.device, opts.compute_dtype());
         let (teacher_dir, teacher_config) = teacher_config(opts)?;
 
@@ -448,11 +527,15 @@ impl<'a> Trainer<'a> {
             drop_last: true,
             prefetch: opts.prefetch,
             sigma_data: opts.step.sigma_data as f32,
+            shard: (rank, world),
         };
         let loader = StoreLoader::start(store, &loader_options, start)?;
-        // every refusal above writes nothing; from here on the run owns the output folder
-        std::fs::create_dir_all(&opts.output_dir).map_err(|e| Error::io(&opts.output_dir, e))?;
-        checkpoint::remove_partial(&opts.output_dir)?;
+        // every refusal above writes nothing; from here on the run owns the output folder (rank 0 writes)
+        if main {
+            std::fs::create_dir_all(&opts.output_dir)
+                .map_err(|e| Error::io(&opts.output_dir, e))?;
+            checkpoint::remove_partial(&opts.output_dir)?;
+        }
         let updates_per_epoch = loader
             .batches_per_epoch()
             .div_ceil(opts.gradient_accumulation_steps as u64);
@@ -489,12 +572,20 @@ impl<'a> Trainer<'a> {
         let student_config = checkpoint::student_config_json(&teacher_dir)?;
 
         // output folder: config, metrics continued without duplicates
-        write_train_config(opts)?;
-        let metrics = MetricsLog::open(
-            &opts.output_dir,
-            resume_dir.is_some().then_some(state.global_step),
-        )?;
-        let validator = validator(opts, loader.config().resolution as usize)?;
+        let metrics = if main {
+            write_train_config(opts)?;
+            Some(MetricsLog::open(
+                &opts.output_dir,
+                resume_dir.is_some().then_some(state.global_step),
+            )?)
+        } else {
+            None
+        };
+        let validator = if main {
+            validator(opts, loader.config().resolution as usize)?
+        } else {
+            None
+        };
 
         let negative = NegativePrompt::repeated(loader.config(), opts.train_batch_size, device)?;
         let teacher_negative = step::negative_context(&teacher, &negative.embeds, &negative.mask)?;
@@ -519,7 +610,7 @@ impl<'a> Trainer<'a> {
             opt_d,
             schedule,
             lr_d: lr,
-            bar: progress_bar(opts.progress, max_train_steps, state.global_step),
+            bar: progress_bar(opts.progress && main, max_train_steps, state.global_step),
             state,
             validator,
             metrics,
@@ -529,6 +620,7 @@ impl<'a> Trainer<'a> {
             rate: SampleRate::new(),
             checkpoints: Vec::new(),
             validation_images: Vec::new(),
+            ring,
         })
     }
 
@@ -568,6 +660,11 @@ impl<'a> Trainer<'a> {
         let batch = host.to_batch(&self.negative, device)?;
         profile::mark("host_to_device")?;
         let shape = batch.x0.dims().to_vec();
+        // the draws of the whole global batch, from the generator of (seed, batch); this rank keeps its share
+        let (rank, world) = self.world();
+        let mut global_shape = shape.clone();
+        global_shape[0] *= world;
+        let share = (rank * shape[0], shape[0]);
         let mut rng = batch_rng(self.seed, self.state.batches_consumed);
         let models = Models {
             gradient_checkpointing: opts.gradient_checkpointing,
@@ -586,7 +683,12 @@ impl<'a> Trainer<'a> {
         let (s, global_step) = (&opts.step, self.state.global_step);
         match self.state.phase {
             Phase::Generator => {
-                let draws = GeneratorDraws::sample(&mut rng, &shape, s, device)?;
+                let draws = GeneratorDraws::sample(&mut rng, &global_shape, s, device)?;
+                let draws = if world > 1 {
+                    draws.narrow(share.0, share.1)?
+                } else {
+                    draws
+                };
                 profile::mark("draws")?;
                 let (grads, out) = step::generator_grads(
                     &models,
@@ -603,7 +705,12 @@ impl<'a> Trainer<'a> {
                 self.last.adv = Some(out.adv_loss);
             }
             Phase::Discriminator => {
-                let draws = DiscriminatorDraws::sample(&mut rng, &shape, s, device)?;
+                let draws = DiscriminatorDraws::sample(&mut rng, &global_shape, s, device)?;
+                let draws = if world > 1 {
+                    draws.narrow(share.0, share.1)?
+                } else {
+                    draws
+                };
                 profile::mark("draws")?;
                 let (grads, out) = step::discriminator_grads(
                     &models,
@@ -620,7 +727,7 @@ impl<'a> Trainer<'a> {
         }
         self.state.batches_consumed += 1;
         self.state.loader = host.position.next(self.loader.batches_per_epoch());
-        self.rate.add(host.len());
+        self.rate.add(host.len() * world);
         self.micro += 1;
         if self.micro < opts.gradient_accumulation_steps {
             return Ok(false);
@@ -637,6 +744,10 @@ impl<'a> Trainer<'a> {
             Phase::Generator => &self.student_vars,
             Phase::Discriminator => &self.head_vars,
         };
+        if let Some(ring) = self.ring.as_mut() {
+            average_gradients(ring, &mut self.acc, vars, &self.opts.device)?;
+            profile::mark("all_reduce")?;
+        }
         let grad_norm = clip_grad_norm(&mut self.acc, vars, self.opts.gradient_clip)?;
         profile::mark("clip")?;
         let grads = std::mem::take(&mut self.acc);
@@ -686,7 +797,10 @@ impl<'a> Trainer<'a> {
             state.global_step,
             state.nan_skips
         );
-        self.metrics.write(serde_json::json!({
+        let Some(metrics) = self.metrics.as_mut() else {
+            return Ok(());
+        };
+        metrics.write(serde_json::json!({
             "step": state.global_step, "event": "nan_skip", "phase": phase.name(),
             "nan_skips": state.nan_skips, "batch": state.batches_consumed - 1,
         }))
@@ -694,6 +808,21 @@ impl<'a> Trainer<'a> {
 
     /// The step's metrics line and the progress bar.
     fn log(&mut self, step: &SyncedStep) -> Result<()> {
+        if let Some(ring) = self.ring.as_mut() {
+            // the losses shown and logged are the means over the ranks
+            let last = &mut self.last;
+            let mut values = [last.scm, last.adv, last.d].map(|v| v.unwrap_or(0.0));
+            ring.all_reduce_sum(&mut values)?;
+            let w = ring.world_size() as f64;
+            for (slot, v) in [&mut last.scm, &mut last.adv, &mut last.d]
+                .into_iter()
+                .zip(values)
+            {
+                if slot.is_some() {
+                    *slot = Some(v / w);
+                }
+            }
+        }
         let samples_per_s = self.rate.per_s();
         let (state, last) = (&self.state, &self.last);
         let lr_g = self.schedule.lr_at(state.generator_updates);
@@ -732,7 +861,9 @@ impl<'a> Trainer<'a> {
                 line["stage_peak_gib"] = peaks.into();
             }
         }
-        self.metrics.write(line)?;
+        if let Some(metrics) = self.metrics.as_mut() {
+            metrics.write(line)?;
+        }
         self.bar.set_position(state.global_step);
         self.bar.set_message(format!(
             "scm {} adv {} d {} |g| {} |d| {} lr {:.2e} {:.1} samples/s",
@@ -758,6 +889,10 @@ impl<'a> Trainer<'a> {
         {
             return Ok(());
         }
+        if !self.is_main() {
+            // rank 0 writes; the others wait until the checkpoint is complete
+            return self.barrier();
+        }
         let dir = checkpoint::write_atomically(
             &self.opts.output_dir,
             &checkpoint::checkpoint_name(self.state.global_step),
@@ -777,7 +912,7 @@ impl<'a> Trainer<'a> {
         }
         self.bar.println(format!("saved {}", dir.display()));
         self.checkpoints.push(dir);
-        Ok(())
+        self.barrier()
     }
 
     /// Every `--validation_steps` before the last step: validation images from the current student.
@@ -798,6 +933,9 @@ impl<'a> Trainer<'a> {
     /// The final diffusers export of the student (f32 with `--upcast_before_saving`, else the compute dtype),
     /// the heads, and the final validation images.
     fn export(&mut self) -> Result<()> {
+        if !self.is_main() {
+            return self.barrier();
+        }
         let dtype = if self.opts.upcast_before_saving {
             DType::F32
         } else {
@@ -815,7 +953,7 @@ impl<'a> Trainer<'a> {
             let path = v.run(&self.compute.frozen, self.state.global_step, out)?;
             self.validation_images.push(path);
         }
-        Ok(())
+        self.barrier()
     }
 
     fn summary(self) -> RunSummary {

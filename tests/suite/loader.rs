@@ -90,6 +90,7 @@ fn opts(batch_size: usize, seed: u64, drop_last: bool) -> LoaderOptions {
         drop_last,
         prefetch: 2,
         sigma_data: 0.5,
+        shard: (0, 1),
     }
 }
 

@@ -2,6 +2,7 @@
 //! Run one group with `cargo test --test suite MODULE::` (e.g. `cargo test --test suite train_loop::`).
 
 mod cli;
+mod distributed;
 mod common;
 mod configs;
 mod golden_dcae;
