@@ -152,7 +152,7 @@ pub(crate) fn fresh_student(o: &TrainOptions) -> HashMap<String, Tensor> {
 }
 
 /// The discriminator heads' parameters a fresh run with these options initialises, by name.
-fn fresh_heads(o: &TrainOptions) -> HashMap<String, Tensor> {
+pub(crate) fn fresh_heads(o: &TrainOptions) -> HashMap<String, Tensor> {
     let config =
         SanaConfig::from_folder(&o.pretrained_model_name_or_path.join("transformer")).unwrap();
     let heads = DiscHeads::new(
@@ -190,7 +190,7 @@ fn largest_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) 
 }
 
 /// ‖Δa − Δb‖ / ‖Δb‖ over every tensor of `init`, with Δ = final − init (one vector of all parameters).
-fn relative_update_error(
+pub(crate) fn relative_update_error(
     init: &HashMap<String, Tensor>,
     a: &HashMap<String, Tensor>,
     b: &HashMap<String, Tensor>,
