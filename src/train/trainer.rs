@@ -14,13 +14,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::dist::tcp::TcpRing;
+use crate::dist::timeout_from_env;
 use crate::models::discriminator::DiscHeads;
 use crate::models::sana::{SanaConfig, SanaTransformer2DModel, TextContext};
 use crate::models::student::{ComputeModels, Student};
 use crate::models::trigflow::SanaTrigFlow;
 use crate::models::weights::Weights;
-use crate::dist::tcp::TcpRing;
-use crate::dist::timeout_from_env;
 use crate::profile;
 use crate::rng::SeededRng;
 use crate::store::{compat, LatentStore};
@@ -477,6 +477,33 @@ impl<'a> Trainer<'a> {
             .map_or((0, 1), |r| (r.rank(), r.world_size()))
     }
 
+    /// Every rank must hold the same weights (replicated optimiser steps on averaged gradients): each sends a
+    /// checksum of its student and heads to all, and any difference is an error on every rank.
+    fn check_replicas(&mut self) -> Result<()> {
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        let mut sum = 0f64;
+        for var in self.student_vars.iter().chain(&self.head_vars) {
+            sum += var
+                .as_tensor()
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+        let mut all = vec![0f64; ring.world_size()];
+        all[ring.rank()] = sum;
+        ring.all_reduce_sum(&mut all)?;
+        if all.iter().any(|c| c.to_bits() != all[0].to_bits()) {
+            return Err(Error::Dist(format!(
+                "rank {}: the ranks' weights differ at step {} (checksums {all:?}); the run cannot continue",
+                ring.rank(),
+                self.state.global_step
+            )));
+        }
+        Ok(())
+    }
+
     /// Waits for every rank (no-op for one process).
     fn barrier(&mut self) -> Result<()> {
         match self.ring.as_mut() {
@@ -491,9 +518,7 @@ impl<'a> Trainer<'a> {
         opts.check()?;
         let started = Instant::now();
         let ring = join_ranks(opts)?;
-        let (rank, world) = ring
-            .as_ref()
-            .map_or((0, 1), |r| (r.rank(), r.world_size()));
+        let (rank, world) = ring.as_ref().map_or((0, 1), |r| (r.rank(), r.world_size()));
         let main = rank == 0;
         let (device, dtype) = (&opts.device, opts.compute_dtype());
         let (teacher_dir, teacher_config) = teacher_config(opts)?;
@@ -889,6 +914,7 @@ impl<'a> Trainer<'a> {
         {
             return Ok(());
         }
+        self.check_replicas()?;
         if !self.is_main() {
             // rank 0 writes; the others wait until the checkpoint is complete
             return self.barrier();

@@ -2,9 +2,9 @@
 //! Run one group with `cargo test --test suite MODULE::` (e.g. `cargo test --test suite train_loop::`).
 
 mod cli;
-mod distributed;
 mod common;
 mod configs;
+mod distributed;
 mod golden_dcae;
 mod golden_disc_loss;
 mod golden_gemma2;
