@@ -156,7 +156,7 @@ impl Drawer<'_> {
         latent_shape: &[usize],
         settings: &StepSettings,
         fresh_time: bool,
-    ) -> Result<(Tensor, Tensor, Tensor, Option<LargestTimestepDraws>)> {
+    ) -> Result<BatchStart> {
         let b = latent_shape[0];
         let noise = self.normal(latent_shape)?;
         let t_normal = self.normal(&[b])?;
@@ -243,20 +243,37 @@ impl LargestTimestepDraws {
     }
 }
 
+type BatchStart = (Tensor, Tensor, Tensor, Option<LargestTimestepDraws>);
+
+/// Samples `start..start + len` of the draws every batch starts with (see [`Drawer::batch_start`]).
+fn narrow_batch_start(
+    (noise, t_normal, cfg, largest): (&Tensor, &Tensor, &Tensor, &Option<LargestTimestepDraws>),
+    start: usize,
+    len: usize,
+) -> Result<BatchStart> {
+    Ok((
+        noise.narrow(0, start, len)?,
+        t_normal.narrow(0, start, len)?,
+        cfg.narrow(0, start, len)?,
+        largest.as_ref().map(|l| l.narrow(start, len)).transpose()?,
+    ))
+}
+
 impl GeneratorDraws {
     /// Samples `start..start + len` of every draw: a data-parallel rank's share of the draws of its global
     /// batch (drawn whole, so that W ranks draw exactly what one process with the global batch draws).
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
         let n = |t: &Tensor| t.narrow(0, start, len);
+        let (noise, t_normal, cfg, largest) = narrow_batch_start(
+            (&self.noise, &self.t_normal, &self.cfg, &self.largest),
+            start,
+            len,
+        )?;
         Ok(Self {
-            noise: n(&self.noise)?,
-            t_normal: n(&self.t_normal)?,
-            cfg: n(&self.cfg)?,
-            largest: self
-                .largest
-                .as_ref()
-                .map(|l| l.narrow(start, len))
-                .transpose()?,
+            noise,
+            t_normal,
+            cfg,
+            largest,
             t_d_normal: n(&self.t_d_normal)?,
             noise_d: n(&self.noise_d)?,
         })
@@ -268,15 +285,16 @@ impl DiscriminatorDraws {
     /// reference), so a share of one sample has none.
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
         let n = |t: &Tensor| t.narrow(0, start, len);
+        let (noise, t_normal, cfg, largest) = narrow_batch_start(
+            (&self.noise, &self.t_normal, &self.cfg, &self.largest),
+            start,
+            len,
+        )?;
         Ok(Self {
-            noise: n(&self.noise)?,
-            t_normal: n(&self.t_normal)?,
-            cfg: n(&self.cfg)?,
-            largest: self
-                .largest
-                .as_ref()
-                .map(|l| l.narrow(start, len))
-                .transpose()?,
+            noise,
+            t_normal,
+            cfg,
+            largest,
             t_d_normal: n(&self.t_d_normal)?,
             noise_fake: n(&self.noise_fake)?,
             noise_real: n(&self.noise_real)?,

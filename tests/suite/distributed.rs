@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use sana_sprint::train::checkpoint;
 
+use crate::common::max_abs_diff;
 use crate::train_loop::{
     demo_store, fresh_heads, fresh_student, relative_update_error, saved_student, tensors,
     tiny_model,
@@ -285,16 +286,8 @@ fn a_killed_rank_stops_the_other_and_both_resume_to_the_uninterrupted_result() {
             tensors(&cut.path().join(file)),
         );
         for (name, x) in &a {
-            let d = (x - &b[name])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
             assert_eq!(
-                d.to_scalar::<f32>().unwrap(),
+                max_abs_diff(x, &b[name]),
                 0.0,
                 "{file} {name}: resume is not exact"
             );
