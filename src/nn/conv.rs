@@ -144,13 +144,19 @@ pub enum DeviceConvPath {
     Candle,
 }
 
-/// The GPU convolution [`DEVICE_CONV_ENV`] asks for.
+/// The GPU convolution [`DEVICE_CONV_ENV`] asks for (read once per process: every convolution asks).
 pub fn device_conv_path() -> Result<DeviceConvPath> {
-    match std::env::var(DEVICE_CONV_ENV).as_deref() {
+    static PATH: std::sync::OnceLock<std::result::Result<DeviceConvPath, String>> =
+        std::sync::OnceLock::new();
+    PATH.get_or_init(|| match std::env::var(DEVICE_CONV_ENV).as_deref() {
         Err(_) | Ok("") | Ok("taps") => Ok(DeviceConvPath::Taps),
         Ok("candle") => Ok(DeviceConvPath::Candle),
-        Ok(other) => bail!("{DEVICE_CONV_ENV}={other:?}: expected `taps` or `candle`"),
-    }
+        Ok(other) => Err(format!(
+            "{DEVICE_CONV_ENV}={other:?}: expected `taps` or `candle`"
+        )),
+    })
+    .clone()
+    .map_err(candle_core::Error::Msg)
 }
 
 /// 2-D convolution as one matmul per kernel row, accumulated: for each row `ky` of the kernel, the `kw` shifted

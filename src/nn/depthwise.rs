@@ -332,11 +332,7 @@ mod tests {
         )?
         .primal
         .permute((0, 3, 1, 2))?;
-        let err = (got - want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let err = crate::nn::test_util::max_abs_diff(&got, &want);
         assert!(err < 1e-5, "max abs error {err}");
         Ok(())
     }

@@ -108,11 +108,7 @@ mod tests {
             .broadcast_mul(&weight)?
             .broadcast_add(&bias)?
             .permute((0, 3, 1, 2))?;
-        let err = (ours - reference)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let err = crate::nn::test_util::max_abs_diff(&ours, &reference);
         assert!(err < 1e-5, "max abs error {err}");
         Ok(())
     }

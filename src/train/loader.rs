@@ -252,6 +252,7 @@ struct BatchPlan {
 impl BatchPlan {
     fn new(
         rows: usize,
+        shard: (usize, usize),
         batch_size: usize,
         per_epoch: u64,
         seed: u64,
@@ -259,7 +260,7 @@ impl BatchPlan {
     ) -> Self {
         Self {
             rows,
-            shard: (0, 1),
+            shard,
             batch_size,
             per_epoch,
             seed,
@@ -366,10 +367,14 @@ impl StoreLoader {
             .spawn(move || {
                 let reader = store.row_reader();
                 let handle = store.runtime().handle().clone();
-                let plan = BatchPlan {
-                    shard: (rank, world),
-                    ..BatchPlan::new(rows, opts.batch_size, per_epoch, opts.seed, start)
-                };
+                let plan = BatchPlan::new(
+                    rows,
+                    (rank, world),
+                    opts.batch_size,
+                    per_epoch,
+                    opts.seed,
+                    start,
+                );
                 let sigma_data = opts.sigma_data;
                 // `buffered` yields in plan order whatever order the spawned reads finish in.
                 let mut batches = futures::stream::iter(plan)

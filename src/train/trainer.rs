@@ -308,6 +308,11 @@ fn fresh_state(opts: &TrainOptions, store_rows: usize) -> TrainerState {
     }
 }
 
+/// (rank, world size) of the ring, `(0, 1)` for a single process.
+fn rank_and_world(ring: Option<&TcpRing>) -> (usize, usize) {
+    ring.map_or((0, 1), |r| (r.rank(), r.world_size()))
+}
+
 /// Ranks of the run (1 for a single process).
 fn world_size(opts: &TrainOptions) -> usize {
     opts.dist.as_ref().map_or(1, |d| d.world_size)
@@ -472,9 +477,7 @@ impl<'a> Trainer<'a> {
     }
 
     fn world(&self) -> (usize, usize) {
-        self.ring
-            .as_ref()
-            .map_or((0, 1), |r| (r.rank(), r.world_size()))
+        rank_and_world(self.ring.as_ref())
     }
 
     /// Every rank must hold the same weights (replicated optimiser steps on averaged gradients): each sends a
@@ -518,7 +521,7 @@ impl<'a> Trainer<'a> {
         opts.check()?;
         let started = Instant::now();
         let ring = join_ranks(opts)?;
-        let (rank, world) = ring.as_ref().map_or((0, 1), |r| (r.rank(), r.world_size()));
+        let (rank, world) = rank_and_world(ring.as_ref());
         let main = rank == 0;
         let (device, dtype) = (&opts.device, opts.compute_dtype());
         let (teacher_dir, teacher_config) = teacher_config(opts)?;
@@ -708,12 +711,8 @@ impl<'a> Trainer<'a> {
         let (s, global_step) = (&opts.step, self.state.global_step);
         match self.state.phase {
             Phase::Generator => {
-                let draws = GeneratorDraws::sample(&mut rng, &global_shape, s, device)?;
-                let draws = if world > 1 {
-                    draws.narrow(share.0, share.1)?
-                } else {
-                    draws
-                };
+                let draws = GeneratorDraws::sample(&mut rng, &global_shape, s, device)?
+                    .narrow(share.0, share.1)?;
                 profile::mark("draws")?;
                 let (grads, out) = step::generator_grads(
                     &models,
@@ -730,12 +729,8 @@ impl<'a> Trainer<'a> {
                 self.last.adv = Some(out.adv_loss);
             }
             Phase::Discriminator => {
-                let draws = DiscriminatorDraws::sample(&mut rng, &global_shape, s, device)?;
-                let draws = if world > 1 {
-                    draws.narrow(share.0, share.1)?
-                } else {
-                    draws
-                };
+                let draws = DiscriminatorDraws::sample(&mut rng, &global_shape, s, device)?
+                    .narrow(share.0, share.1)?;
                 profile::mark("draws")?;
                 let (grads, out) = step::discriminator_grads(
                     &models,
