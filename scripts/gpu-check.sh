@@ -4,7 +4,7 @@
 # training steps) and the PyTorch reference of the same measurements (tools/gpu/reference_bench.py), then prints
 # one comparison table and writes it to gpu-check-results.md + gpu-check-results.jsonl.
 #
-#   scripts/gpu-check.sh [--out DIR] [--budget SECONDS] [--skip-ours] [--skip-reference]
+#   scripts/gpu-check.sh [--out DIR] [--budget SECONDS] [--skip-ours] [--skip-reference] [--only REGEX]
 #   scripts/gpu-check.sh --cpu-smoke      # the same sequence on the CPU, tiny sizes, debug build (tests the script)
 #
 # Run it from the bundle made by scripts/gpu-bundle.sh (bin/ holds the release binaries) or from a checkout
@@ -15,7 +15,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-smoke=0 out="" budget="" skip_ours=0 skip_ref=0
+smoke=0 out="" budget="" skip_ours=0 skip_ref=0 only=
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-smoke) smoke=1 ;;
@@ -23,7 +23,8 @@ while [ $# -gt 0 ]; do
     --budget) budget="$2"; shift ;;
     --skip-ours) skip_ours=1 ;;
     --skip-reference) skip_ref=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --only) only="$2"; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -120,6 +121,8 @@ step() {
   local left=$(( budget - ($(date +%s) - started) ))
   if [ "$who" = ours ] && [ "$skip_ours" = 1 ]; then return; fi
   if [ "$who" = ref ] && [ "$ref_ok" = 0 ]; then return; fi
+  # --only: a short lease runs the measurements whose "who args" match (e.g. 'ours (parity|.*--profile)')
+  if [ -n "$only" ] && ! [[ "$who $*" =~ $only ]]; then return; fi
   if [ "$left" -lt $(( limit / 2 )) ]; then
     say "skipped ($who $*): only ${left}s of the budget left"
     printf '{"schema":1,"impl":"%s","key":"%s","status":"skipped"}\n' \

@@ -852,7 +852,14 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
     if let Some(pool) = device::pool_stats(&ctx.device).ok().flatten() {
         let gib = |b: u64| Value::from(b as f64 / 1073741824.0);
         let m = &mut record.metrics;
-        m.insert("pool_used_high_gib".into(), gib(pool.used_high_bytes));
+        // --profile resets the pool's peaks at every stage, so the run's peak is the largest stage peak
+        let stage_peak = m
+            .iter()
+            .filter(|(k, _)| k.contains("_stage_") && k.ends_with("_peak_gib"))
+            .filter_map(|(_, v)| v.as_f64())
+            .fold(0.0f64, f64::max);
+        let used_high = (pool.used_high_bytes as f64 / 1073741824.0).max(stage_peak);
+        m.insert("pool_used_high_gib".into(), Value::from(used_high));
         m.insert(
             "pool_reserved_high_gib".into(),
             gib(pool.reserved_high_bytes),
