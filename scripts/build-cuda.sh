@@ -7,7 +7,8 @@
 #   scripts/build-cuda.sh [--release] [extra cargo args]     -> $CARGO_TARGET_DIR/{debug,release}/sprint-*
 #
 # CUDA_VENV (default ~/.cache/sana-sprint/cuda13-venv) caches the toolchain; CUDA_COMPUTE_CAP defaults to 90
-# (H100/H200).
+# (H100/H200); CUDA_FEATURES (default `nccl`, which implies `cuda`) the cargo features (`cuda` alone: no NCCL,
+# single-GPU runs only).
 set -euo pipefail
 # Every failure says where it happened (a failed command substitution under pipefail is otherwise silent).
 trap 'echo "build-cuda.sh: failed at line $LINENO (exit $?): $BASH_COMMAND" >&2' ERR
@@ -16,7 +17,8 @@ cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sana-sprint/target}"
 venv="${CUDA_VENV:-$HOME/.cache/sana-sprint/cuda13-venv}"
 pins=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
-      nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.2.14 "nvidia-curand<10.5" nvidia-cuda-nvrtc==13.0.88)
+      nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.2.14 "nvidia-curand<10.5" nvidia-cuda-nvrtc==13.0.88
+      nvidia-nccl-cu13==2.30.7)
 stamp="$venv/.sana-sprint-pins"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${pins[*]}" ]; then
   python3 -m venv "$venv"
@@ -34,6 +36,10 @@ for lib in cublas cublasLt curand nvrtc cudart; do
   [ -n "$f" ] || { echo "build-cuda.sh: lib$lib not found in $cu/lib (pip install of the CUDA wheels incomplete?)" >&2; exit 1; }
   ln -sf "$f" "$links/lib$lib.so"
 done
+# NCCL (the `nccl` feature: multi-GPU training) has its own folder in the wheels
+nccl=$(find "$(dirname "$cu")/nccl/lib" -maxdepth 1 -name "libnccl.so.*" 2>/dev/null | sort | head -n 1 || true)
+[ -n "$nccl" ] || { echo "build-cuda.sh: libnccl not found under $(dirname "$cu")/nccl/lib (nvidia-nccl-cu13 wheel incomplete?)" >&2; exit 1; }
+ln -sf "$nccl" "$links/libnccl.so"
 cargo fetch -q
 # cudarc's sources, where cargo keeps its registry: $CARGO_HOME (default ~/.cargo).
 registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
@@ -48,5 +54,5 @@ fi
 
 export PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export LIBRARY_PATH="$links${LIBRARY_PATH:+:$LIBRARY_PATH}"
-cargo build --features cuda --bins "$@"
+cargo build --features "${CUDA_FEATURES:-nccl}" --bins "$@"
 echo "CUDA build done (toolchain $cu). On a GPU machine put the CUDA 13 libraries on LD_LIBRARY_PATH (see README)."

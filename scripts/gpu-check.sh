@@ -157,6 +157,7 @@ step() {
 # (batch 4 without checkpointing ran out of memory on both sides of a 141 GB H200 and is not run)
 tsa=(--config 1.6B --resolution 1024 --mixed_precision bf16)
 step 120 ours parity
+step 60  ours all-reduce --config 1.6B --iters 5
 step 150 ours train-step "${tsa[@]}" --batch 1 --steps 6 --profile
 step 120 ref  train-step "${tsa[@]}" --batch 1 --steps 6 --profile
 step 130 ours prep --rows 64 --resolution 1024 --batch_size 8

@@ -3,9 +3,13 @@
 //!
 //! Nothing here starts processes or schedules anything: torchrun or Slurm start one process per GPU and say who
 //! is who through environment variables ([`LaunchEnv`]). The ranks then meet at `MASTER_ADDR:MASTER_PORT`
-//! (rank 0 listens there) and talk through a [`Collective`]: [`tcp::TcpRing`], a small ring all-reduce over TCP
-//! for CPU runs and tests, as PyTorch keeps gloo beside NCCL.
+//! (rank 0 listens there) and form a [`group::ProcessGroup`]: [`tcp::TcpRing`], a small ring all-reduce over TCP
+//! for CPU runs, tests, barriers and host values (as PyTorch keeps gloo beside NCCL), and NCCL for the gradients
+//! of GPU runs ([`nccl`], the `nccl` feature).
 
+pub mod group; // the process group: the TCP ring plus, on GPUs, NCCL; bucketed gradient averaging
+#[cfg(feature = "nccl")]
+pub mod nccl; // NCCL on candle's CUDA stream, unique id over the ring, watchdog
 pub mod tcp; // the CPU collective: rendezvous at MASTER_ADDR:MASTER_PORT, ring all-reduce, barrier
 
 use std::time::Duration;

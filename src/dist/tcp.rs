@@ -435,6 +435,22 @@ impl TcpRing {
         Ok(())
     }
 
+    /// Copies rank 0's `buf` to every rank (passed along the ring; `buf` has the same length everywhere). Used
+    /// to hand out NCCL's unique id.
+    pub fn broadcast_from_rank0(&mut self, buf: &mut [u8]) -> Result<()> {
+        let (rank, w, timeout) = (self.rank, self.world_size, self.timeout);
+        let Some((to_next, from_prev)) = self.links.as_mut() else {
+            return Ok(());
+        };
+        if rank > 0 {
+            from_prev.recv(rank, timeout, buf)?;
+        }
+        if rank + 1 < w {
+            to_next.send(rank, timeout, buf)?;
+        }
+        Ok(())
+    }
+
     /// Returns when every rank has called it (or fails after the timeout, naming the rank waited for).
     pub fn barrier(&mut self) -> Result<()> {
         let mut token = [0f32; 1];
@@ -495,6 +511,24 @@ mod tests {
                     }
                     assert_eq!(buf, first.0, "rank {r} differs from rank 0");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_hands_rank_0s_bytes_to_every_rank() {
+        for world in [1, 2, 4] {
+            let results = on_ring(world, Duration::from_secs(20), |mut ring| {
+                let r = ring.rank() as u8;
+                let mut id: Vec<u8> = (0..128u8)
+                    .map(|i| i.wrapping_mul(7).wrapping_add(r))
+                    .collect();
+                ring.broadcast_from_rank0(&mut id).unwrap();
+                id
+            });
+            let expected: Vec<u8> = (0..128u8).map(|i| i.wrapping_mul(7)).collect();
+            for (r, res) in results.into_iter().enumerate() {
+                assert_eq!(res.unwrap(), expected, "world {world} rank {r}");
             }
         }
     }

@@ -14,7 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::dist::tcp::TcpRing;
+use crate::dist::group::ProcessGroup;
 use crate::dist::timeout_from_env;
 use crate::models::discriminator::DiscHeads;
 use crate::models::sana::{SanaConfig, SanaTransformer2DModel, TextContext};
@@ -62,33 +62,6 @@ struct Last {
     d: Option<f64>,
     grad_norm_g: Option<f64>,
     grad_norm_d: Option<f64>,
-}
-
-/// Replaces the gradients of `vars` in `acc` by their mean over the ranks: one all-reduce of a single flat f32
-/// buffer (every rank holds the same set of gradients, in the same order).
-fn average_gradients(
-    ring: &mut TcpRing,
-    acc: &mut GradStore,
-    vars: &[Var],
-    device: &candle_core::Device,
-) -> Result<()> {
-    let mut flat: Vec<f32> = Vec::new();
-    let mut parts = Vec::new();
-    for var in vars {
-        if let Some(g) = acc.get(var.as_tensor()) {
-            let values = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            parts.push((var, g.dims().to_vec(), g.dtype(), flat.len(), values.len()));
-            flat.extend(values);
-        }
-    }
-    ring.all_reduce_sum(&mut flat)?;
-    let w = ring.world_size() as f32;
-    for (var, dims, dtype, offset, len) in parts {
-        let mean: Vec<f32> = flat[offset..offset + len].iter().map(|v| v / w).collect();
-        let g = Tensor::from_vec(mean, dims, device)?.to_dtype(dtype)?;
-        acc.insert(var.as_tensor(), g);
-    }
-    Ok(())
 }
 
 /// Adds the gradients of `vars` found in `grads` into `acc`.
@@ -309,8 +282,8 @@ fn fresh_state(opts: &TrainOptions, store_rows: usize) -> TrainerState {
 }
 
 /// (rank, world size) of the ring, `(0, 1)` for a single process.
-fn rank_and_world(ring: Option<&TcpRing>) -> (usize, usize) {
-    ring.map_or((0, 1), |r| (r.rank(), r.world_size()))
+fn rank_and_world(group: Option<&ProcessGroup>) -> (usize, usize) {
+    group.map_or((0, 1), |g| (g.rank(), g.world_size()))
 }
 
 /// Ranks of the run (1 for a single process).
@@ -318,20 +291,16 @@ fn world_size(opts: &TrainOptions) -> usize {
     opts.dist.as_ref().map_or(1, |d| d.world_size)
 }
 
-/// The CPU ring of a multi-process run; `None` for one process. A multi-GPU run needs NCCL, which is not built
-/// yet: refused with what to do instead.
-fn join_ranks(opts: &TrainOptions) -> Result<Option<TcpRing>> {
+/// The process group of a multi-process run (the CPU ring, plus NCCL on GPUs); `None` for one process.
+fn join_ranks(opts: &TrainOptions) -> Result<Option<ProcessGroup>> {
     let Some(env) = opts.dist.as_ref().filter(|d| d.world_size > 1) else {
         return Ok(None);
     };
-    if !opts.device.is_cpu() {
-        return Err(Error::Arg(format!(
-            "this is rank {} of {} ({:?} variables found), but training across several GPUs needs NCCL, which \
-             this build does not have yet: run one process per machine, or --device cpu for the CPU collective",
-            env.rank, env.world_size, env.launcher
-        )));
-    }
-    Ok(Some(TcpRing::rendezvous(env, timeout_from_env()?)?))
+    Ok(Some(ProcessGroup::join(
+        env,
+        &opts.device,
+        timeout_from_env()?,
+    )?))
 }
 
 /// The student and the discriminator heads: from the checkpoint in `resume` or freshly from the teacher.
@@ -467,25 +436,26 @@ struct Trainer<'a> {
     checkpoints: Vec<PathBuf>,
     validation_images: Vec<PathBuf>,
     /// The other ranks of a data-parallel run (`None`: a single process).
-    ring: Option<TcpRing>,
+    group: Option<ProcessGroup>,
 }
 
 impl<'a> Trainer<'a> {
     /// Rank 0 (or the only process) writes every file.
     fn is_main(&self) -> bool {
-        self.ring.as_ref().is_none_or(|r| r.rank() == 0)
+        self.group.as_ref().is_none_or(|g| g.rank() == 0)
     }
 
     fn world(&self) -> (usize, usize) {
-        rank_and_world(self.ring.as_ref())
+        rank_and_world(self.group.as_ref())
     }
 
     /// Every rank must hold the same weights (replicated optimiser steps on averaged gradients): each sends a
     /// checksum of its student and heads to all, and any difference is an error on every rank.
     fn check_replicas(&mut self) -> Result<()> {
-        let Some(ring) = self.ring.as_mut() else {
+        let Some(group) = self.group.as_mut() else {
             return Ok(());
         };
+        let ring = group.ring();
         let mut sum = 0f64;
         for var in self.student_vars.iter().chain(&self.head_vars) {
             sum += var
@@ -509,8 +479,8 @@ impl<'a> Trainer<'a> {
 
     /// Waits for every rank (no-op for one process).
     fn barrier(&mut self) -> Result<()> {
-        match self.ring.as_mut() {
-            Some(ring) => ring.barrier(),
+        match self.group.as_mut() {
+            Some(group) => group.ring().barrier(),
             None => Ok(()),
         }
     }
@@ -520,8 +490,8 @@ impl<'a> Trainer<'a> {
     fn setup(opts: &'a TrainOptions) -> Result<Self> {
         opts.check()?;
         let started = Instant::now();
-        let ring = join_ranks(opts)?;
-        let (rank, world) = rank_and_world(ring.as_ref());
+        let group = join_ranks(opts)?;
+        let (rank, world) = rank_and_world(group.as_ref());
         let main = rank == 0;
         let (device, dtype) = (&opts.device, opts.compute_dtype());
         let (teacher_dir, teacher_config) = teacher_config(opts)?;
@@ -648,7 +618,7 @@ impl<'a> Trainer<'a> {
             rate: SampleRate::new(),
             checkpoints: Vec::new(),
             validation_images: Vec::new(),
-            ring,
+            group,
         })
     }
 
@@ -764,8 +734,8 @@ impl<'a> Trainer<'a> {
             Phase::Generator => &self.student_vars,
             Phase::Discriminator => &self.head_vars,
         };
-        if let Some(ring) = self.ring.as_mut() {
-            average_gradients(ring, &mut self.acc, vars, &self.opts.device)?;
+        if let Some(group) = self.group.as_mut() {
+            group.average_gradients(&mut self.acc, vars)?;
             profile::mark("all_reduce")?;
         }
         let grad_norm = clip_grad_norm(&mut self.acc, vars, self.opts.gradient_clip)?;
@@ -828,7 +798,8 @@ impl<'a> Trainer<'a> {
 
     /// The step's metrics line and the progress bar.
     fn log(&mut self, step: &SyncedStep) -> Result<()> {
-        if let Some(ring) = self.ring.as_mut() {
+        if let Some(group) = self.group.as_mut() {
+            let ring = group.ring();
             // the losses shown and logged are the means over the ranks
             let last = &mut self.last;
             let mut values = [last.scm, last.adv, last.d].map(|v| v.unwrap_or(0.0));

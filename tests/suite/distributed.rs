@@ -96,10 +96,22 @@ fn rank_command(
 
 /// `world` rank processes of one run, each with `batch` samples per step.
 fn run_ranks(world: usize, batch: usize, out: &Path, extra: &[&str]) -> Vec<Output> {
+    run_ranks_env(world, batch, out, extra, &[])
+}
+
+/// [`run_ranks`] with extra environment variables for every rank.
+fn run_ranks_env(
+    world: usize,
+    batch: usize,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<Output> {
     let port = free_port();
     let children = (0..world)
         .map(|rank| {
             rank_command(out, batch, extra, rank, world, port)
+                .envs(env.iter().copied())
                 .spawn()
                 .unwrap()
         })
@@ -142,12 +154,17 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn two_ranks_train_as_one_process_with_the_global_batch() {
-    check_equivalence(&[]);
+    // default buckets: every gradient of the tiny model in one
+    check_equivalence(&[], &[]);
 }
 
 #[test]
 fn two_ranks_with_accumulation_train_as_one_process() {
-    check_equivalence(&["--gradient_accumulation_steps", "2"]);
+    // 16 KiB buckets: the gradients travel in many buckets, some of several tensors
+    check_equivalence(
+        &["--gradient_accumulation_steps", "2"],
+        &[("SANA_SPRINT_DIST_BUCKET_MIB", "0.015625")],
+    );
 }
 
 #[test]
@@ -176,13 +193,13 @@ fn misaligned_pairs_small_batches_and_a_world_size_change() {
 }
 
 /// 2 ranks × batch 8 against 1 process × batch 16 with the same flags.
-fn check_equivalence(extra: &[&str]) {
+fn check_equivalence(extra: &[&str], env: &[(&str, &str)]) {
     let single = tempfile::tempdir().unwrap();
     let status = sprint_train(single.path(), 16, extra).output().unwrap();
     assert_success(std::slice::from_ref(&status));
 
     let dist = tempfile::tempdir().unwrap();
-    let outputs = run_ranks(2, 8, dist.path(), extra);
+    let outputs = run_ranks_env(2, 8, dist.path(), extra, env);
     assert_success(&outputs);
 
     // only rank 0 wrote, and the same files as the single process

@@ -15,6 +15,11 @@ import sys
 # (key prefix, [(metric, label)]) in display order; other keys follow with all their numeric metrics
 LAYOUT = [
     ("parity", [("failed", "parity: failed checks (tiny models, device vs CPU; f32 1e-4, bf16 3e-2)")]),
+    ("all-reduce", [("init_s", "rendezvous + NCCL id exchange + communicator s"),
+                    ("f32_s", "bucketed gradient average, f32, s per step"),
+                    ("bf16_s", "bucketed gradient average, bf16, s per step"),
+                    ("f32_copy_s", "one device copy of the f32 gradient s (scale)"),
+                    ("params", "gradient elements")]),
     ("dcae", [("images_per_s", "images/s")]),
     ("gemma2-2b", [("prompts_per_s", "prompts/s")]),
     ("encoding", [("samples_per_s", "samples/s: ours sprint-prep (steady) vs reference per-step encoding"),

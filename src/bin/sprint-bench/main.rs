@@ -81,6 +81,21 @@ enum Command {
     Prep(PrepArgs),
     /// sprint-train step times on a random real-size teacher and a random latent store.
     TrainStep(TrainArgs),
+    /// The gradient average of a data-parallel run on a world of one: rendezvous, NCCL id exchange and
+    /// communicator on candle's stream (`--device cuda`, the `nccl` feature) or the CPU ring, then the bucketed
+    /// all-reduce of a full-size student gradient in f32 and in bf16 (s per step).
+    AllReduce(AllReduceArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(rename_all = "snake_case")]
+struct AllReduceArgs {
+    /// The student whose gradient is averaged: 1.6B or 0.6B (every tensor at its real size).
+    #[arg(long, default_value = "1.6B")]
+    config: String,
+    /// Timed averages per dtype (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
 }
 
 #[derive(Args, Debug)]
@@ -987,6 +1002,7 @@ fn run(cli: &Cli) -> Result<bool> {
         Command::Gemma(a) => ("gemma", gemma_key(s, a)),
         Command::Prep(a) => ("prep", prep_key(s, a)),
         Command::TrainStep(a) => ("train-step", train_key(s, a)),
+        Command::AllReduce(a) => ("all-reduce", all_reduce_key(s, a)),
     };
     let work = cli
         .work_dir
@@ -1016,6 +1032,7 @@ fn run(cli: &Cli) -> Result<bool> {
         (Ok(_), Command::Gemma(a)) => gemma(&ctx, a).map(Outcome::Record),
         (Ok(_), Command::Prep(a)) => prep_bench(&ctx, a).map(Outcome::Record),
         (Ok(_), Command::TrainStep(a)) => train_step(&ctx, a, cli.time_limit).map(Outcome::Record),
+        (Ok(_), Command::AllReduce(a)) => all_reduce(&ctx, a).map(Outcome::Record),
     };
     match result {
         Ok(Outcome::Parity(passed)) => Ok(passed),
@@ -1030,6 +1047,114 @@ fn run(cli: &Cli) -> Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// (config, layers) of the all-reduce bench: the smoke run takes one block of the 0.6B model.
+fn all_reduce_sizes(smoke: bool, a: &AllReduceArgs) -> (String, Option<usize>) {
+    if smoke {
+        ("0.6B".into(), Some(1))
+    } else {
+        (a.config.clone(), None)
+    }
+}
+
+fn all_reduce_key(smoke: bool, a: &AllReduceArgs) -> String {
+    let (config, layers) = all_reduce_sizes(smoke, a);
+    match layers {
+        Some(l) => format!("all-reduce {config} {l}l world 1"),
+        None => format!("all-reduce {config} world 1"),
+    }
+}
+
+fn all_reduce(ctx: &Ctx, a: &AllReduceArgs) -> Result<Record> {
+    use candle_core::backprop::GradStore;
+    use candle_core::Var;
+    use sana_sprint::dist::group::{Backend, ProcessGroup};
+    use sana_sprint::dist::{LaunchEnv, Launcher};
+
+    let (config, layers) = all_reduce_sizes(ctx.smoke, a);
+    let cfg: SanaConfig = serde_json::from_value(random::teacher_config(&config, layers)?)?;
+    // a world of one on a free loopback port, as torchrun would describe it
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let env = LaunchEnv {
+        launcher: Launcher::Torchrun,
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        local_world_size: 1,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let t = Instant::now();
+    let mut group = ProcessGroup::join(&env, &ctx.device, Duration::from_secs(120))?;
+    let init_s = t.elapsed().as_secs_f64();
+
+    // every tensor of the student at its real size (the teacher's keys: the student adds the guidance
+    // embedder and the logvar head, 0.3% more), a random gradient for each
+    let keys = random::teacher_keys(&cfg)?;
+    let mut vars = Vec::with_capacity(keys.len());
+    let mut grads = GradStore::default();
+    for (_, shape) in &keys {
+        let var = Var::zeros(shape.as_slice(), DType::F32, &ctx.device)?;
+        grads.insert(
+            var.as_tensor(),
+            Tensor::randn(0f32, 1e-3, shape.as_slice(), &ctx.device)?,
+        );
+        vars.push(var);
+    }
+    let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    let sampler = gpu::Sampler::start(&ctx.device);
+    let mut metrics = Map::new();
+    metrics.insert("init_s".into(), init_s.into());
+    for dtype in [DType::F32, DType::BF16] {
+        let mut times = Vec::new();
+        for i in 0..=a.iters.max(1) {
+            ctx.device.synchronize()?;
+            let t = Instant::now();
+            group.average_gradients_as(&mut grads, &vars, dtype)?;
+            ctx.device.synchronize()?;
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let s = median(&times);
+        let name = if dtype == DType::F32 { "f32" } else { "bf16" };
+        metrics.insert(format!("{name}_s"), s.into());
+        let bytes = (params * dtype.size_in_bytes()) as f64;
+        metrics.insert(format!("{name}_gb_per_s"), (bytes / s / 1e9).into());
+    }
+    // the same bytes copied once on the device, for scale
+    let flat = Tensor::zeros(params, DType::F32, &ctx.device)?;
+    let (copies, _, _) = time_runs(&ctx.device, a.iters, || Ok(flat.copy()?))?;
+    metrics.insert("f32_copy_s".into(), median(&copies).into());
+    let samples = sampler.stop();
+    metrics.insert("params".into(), params.into());
+    metrics.insert(
+        "gradient_gib_f32".into(),
+        ((params * 4) as f64 / 1073741824.0).into(),
+    );
+    let bucket = group.bucket_bytes();
+    let collective = match group.backend() {
+        Backend::Nccl => "NCCL's all-reduce is a device-local copy on a world of one",
+        Backend::Tcp => "the CPU ring sends nothing on a world of one (the buckets still go to host memory and back)",
+    };
+    let mut notes = vec![format!(
+        "{collective}; the time is the bucketing (flatten, cast, concatenate, divide, slice) plus that; median \
+         of {} after 1 warm-up per dtype",
+        a.iters.max(1)
+    )];
+    add_device_metrics(&mut metrics, &mut notes, &samples, None);
+    Ok(Record {
+        bench: "all-reduce",
+        key: all_reduce_key(ctx.smoke, a),
+        params: json!({"config": config, "layers": cfg.num_layers, "tensors": vars.len(), "params": params,
+                       "backend": group.backend().name(), "world_size": 1,
+                       "bucket_mib": bucket as f64 / 1048576.0, "iters": a.iters.max(1)}),
+        metrics,
+        notes,
+    })
 }
 
 fn main() -> ExitCode {
