@@ -11,6 +11,7 @@ pub mod group; // the process group: the TCP ring plus, on GPUs, NCCL; bucketed 
 #[cfg(feature = "nccl")]
 pub mod nccl; // NCCL on candle's CUDA stream, unique id over the ring, watchdog
 pub mod tcp; // the CPU collective: rendezvous at MASTER_ADDR:MASTER_PORT, ring all-reduce, barrier
+pub mod watchdog; // ends a rank whose NCCL wait outlives the timeout
 
 use std::time::Duration;
 

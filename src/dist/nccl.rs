@@ -10,8 +10,8 @@
 //! which wait on which rank did not finish and exits with status 1, as PyTorch's NCCL watchdog does. Nothing is
 //! written in between, so the last checkpoint stays the resume point.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaStream;
@@ -19,6 +19,7 @@ use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use super::tcp::TcpRing;
+use super::watchdog::Watchdog;
 use crate::{Error, Result};
 
 fn nccl_err(rank: usize, what: &str, e: impl std::fmt::Debug) -> Error {
@@ -52,7 +53,7 @@ impl Nccl {
         ring.broadcast_from_rank0(&mut id)?;
         let id = Id::uninit(id.map(|b| b as std::ffi::c_char));
         let stream = cuda.cuda_stream();
-        let watchdog = Watchdog::start(rank, timeout);
+        let watchdog = Watchdog::start(rank, "NCCL", timeout);
         let comm = watchdog.guard(
             "creating the communicator (ncclCommInitRank: every rank must reach it)",
             || {
@@ -129,51 +130,5 @@ impl InplaceOp1 for AllReduceSum<'_> {
         status.map(|_| ()).map_err(|e| {
             candle_core::Error::Msg(format!("rank {}: ncclAllReduce: {e:?}", nccl.rank))
         })
-    }
-}
-
-/// Ends the process when a guarded wait outlives the timeout (NCCL offers no timeout of its own on a blocking
-/// communicator).
-struct Watchdog {
-    armed: Arc<Mutex<Option<(Instant, String)>>>,
-}
-
-impl Watchdog {
-    fn start(rank: usize, timeout: Duration) -> Watchdog {
-        let armed: Arc<Mutex<Option<(Instant, String)>>> = Arc::new(Mutex::new(None));
-        let seen = Arc::downgrade(&armed);
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let Some(armed) = seen.upgrade() else {
-                return; // the communicator is gone
-            };
-            let late = armed.lock().ok().and_then(|a| {
-                a.as_ref()
-                    .filter(|(since, _)| since.elapsed() > timeout)
-                    .map(|(_, what)| what.clone())
-            });
-            if let Some(what) = late {
-                eprintln!(
-                    "error: rank {rank}: NCCL: {what} did not finish within the {} s timeout ({}): another \
-                     rank died, hangs, or cannot reach this one (NCCL_DEBUG=INFO says more); exiting. Restart \
-                     every rank with --resume_from_checkpoint latest.",
-                    timeout.as_secs_f64(),
-                    super::TIMEOUT_ENV
-                );
-                std::process::exit(1);
-            }
-        });
-        Watchdog { armed }
-    }
-
-    fn guard<R>(&self, what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
-        if let Ok(mut a) = self.armed.lock() {
-            *a = Some((Instant::now(), what.to_string()));
-        }
-        let r = f();
-        if let Ok(mut a) = self.armed.lock() {
-            *a = None;
-        }
-        r
     }
 }
