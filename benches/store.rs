@@ -10,6 +10,10 @@
 //! only the loader's two encodings). Prints tables; never fails on speed.
 //! The latents are smooth fields plus noise (like VAE latents, unlike white noise); the embeddings are Gaussian
 //! values rounded to bf16 first, as Gemma in bf16 produces them.
+//!
+//! `cargo bench --profile dev --bench store -- --fragments [ROWS]` (default 256 rows): the loader on a store
+//! written one row per commit (one fragment per row, as many tiny prep commits leave it) against the same store
+//! after `store::maintain::compact`.
 
 use std::time::Instant;
 
@@ -94,10 +98,12 @@ fn rows(n: usize) -> Vec<LatentRow> {
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(64);
+    let rows_arg: Option<usize> = std::env::args().skip(1).find_map(|a| a.parse().ok());
+    if std::env::args().any(|a| a == "--fragments") {
+        fragments(rows_arg.unwrap_or(256));
+        return;
+    }
+    let n = rows_arg.unwrap_or(64);
     let loader_only = std::env::args().any(|a| a == "--loader-only");
     let data = rows(n);
     let mean_len = data.iter().map(|r| r.prompt_len as f64).sum::<f64>() / n as f64;
@@ -262,4 +268,49 @@ fn read_path_breakdown(store: &LatentStore, n: usize) {
         "  read path: assembling 4 rows into a batch: {:.2} ms/batch",
         ms(t, batches.len())
     );
+}
+
+/// The loader on a store of `n` one-row fragments, then on the same store compacted to one fragment.
+fn fragments(n: usize) {
+    let data = rows(n);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fragments.lance");
+    let t = Instant::now();
+    let mut w = StoreWriter::open(
+        &path,
+        config(StoreDType::Float32, StoreDType::Float16),
+        OpenMode::CreateOrAppend,
+        FloatEncoding::default(),
+    )
+    .unwrap();
+    for r in data {
+        w.push(r);
+        w.commit().unwrap();
+    }
+    drop(w);
+    println!(
+        "{n} rows written one per commit in {:.1} s (default encoding)",
+        t.elapsed().as_secs_f64()
+    );
+    let describe = |what: &str| {
+        let store = LatentStore::open(&path).unwrap();
+        println!(
+            "{what}: {} fragments, {:.1} MB on disk, version {}, needs_compaction {}",
+            store.num_fragments(),
+            store.disk_bytes() as f64 / 1e6,
+            store.version(),
+            sana_sprint::store::maintain::needs_compaction(&path).unwrap()
+        );
+    };
+    describe("fragmented");
+    loader_throughput(&path, n);
+    let t = Instant::now();
+    let report = sana_sprint::store::maintain::compact(&path).unwrap();
+    println!(
+        "compacted in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        serde_json::to_string(&report).unwrap()
+    );
+    describe("compacted");
+    loader_throughput(&path, n);
 }

@@ -67,6 +67,24 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
         "format_version   {}, written by {}",
         c.format_version, c.writer
     );
+    let dups = store::maintain::duplicate_ids(path)?;
+    if dups.is_empty() {
+        println!("duplicate ids    none");
+    } else {
+        let extra: usize = dups.iter().map(|(_, n)| n - 1).sum();
+        println!(
+            "duplicate ids    {} id(s) stored more than once ({extra} extra row(s)), e.g. {}; \
+             `sprint-prep --dedupe {}` removes them",
+            dups.len(),
+            dups.iter()
+                .take(3)
+                .map(|(id, n)| format!("{id} ×{n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            path.display()
+        );
+    }
+    print_parts(path)?;
     let report_path = report
         .map(Path::to_path_buf)
         .unwrap_or_else(|| prep::default_report_path(path));
@@ -99,6 +117,55 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
     Ok(())
 }
 
+/// The parts of the workers that wrote the store (their leases): done, running (live or expired), with rows
+/// done of rows to do, so that an operator sees which workers are behind or dead.
+fn print_parts(path: &Path) -> sana_sprint::Result<()> {
+    let leases = prep::parts::list_leases(path)?;
+    if leases.is_empty() {
+        println!("parts            no worker leases (written by a single run of an older version, or none yet)");
+        return Ok(());
+    }
+    let done = leases
+        .iter()
+        .filter(|l| l.state == prep::parts::LeaseState::Done)
+        .count();
+    println!(
+        "parts            {} leased, {done} done, {} running",
+        leases.len(),
+        leases.len() - done
+    );
+    let mut by_worker: std::collections::BTreeMap<&str, (usize, usize, usize, usize)> =
+        Default::default();
+    for l in &leases {
+        let e = by_worker.entry(&l.worker).or_default();
+        e.0 += 1;
+        e.1 += usize::from(l.state == prep::parts::LeaseState::Done);
+        e.2 += l.rows_done;
+        e.3 += l.rows_todo;
+    }
+    for (w, (parts, done, rows_done, rows_todo)) in by_worker {
+        println!("    {w}: {done}/{parts} part(s) done, {rows_done}/{rows_todo} row(s)");
+    }
+    for l in leases
+        .iter()
+        .filter(|l| l.state == prep::parts::LeaseState::Running)
+    {
+        println!(
+            "    {} {}: {}/{} row(s) — {}",
+            if l.abandoned() {
+                "STALE (lease expired or its process is gone; the next run takes it over)"
+            } else {
+                "running"
+            },
+            l.part,
+            l.rows_done,
+            l.rows_todo,
+            l.describe()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -109,6 +176,37 @@ fn main() -> ExitCode {
     let args = PrepArgs::parse_args();
     let result = if let Some(store) = args.inspect.clone() {
         inspect(&store, args.report.as_deref())
+    } else if let Some(path) = args.dedupe.clone() {
+        store::maintain::dedupe(&path).map(|r| {
+            if r.rows_removed == 0 {
+                println!("{}: no id is stored twice; nothing to do", path.display());
+            } else {
+                println!(
+                    "{}: removed {} extra row(s) of {} duplicated id(s): {} -> {} rows (Lance version {} -> {})",
+                    path.display(),
+                    r.rows_removed,
+                    r.duplicate_ids,
+                    r.rows_before,
+                    r.rows_after,
+                    r.version_before,
+                    r.version_after
+                );
+            }
+        })
+    } else if let Some(path) = args.compact.clone() {
+        store::maintain::compact(&path).map(|r| {
+            println!(
+                "{}: {} rows; fragments {} -> {}; bytes {} -> {} (Lance version {} -> {})",
+                path.display(),
+                r.rows,
+                r.fragments_before,
+                r.fragments_after,
+                r.bytes_before,
+                r.bytes_after,
+                r.version_before,
+                r.version_after
+            );
+        })
     } else {
         let opts = args.options();
         if let Some(parent) = opts.output.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -118,10 +216,12 @@ fn main() -> ExitCode {
             }
         }
         prep::run(&opts, &HubConfig::from_env()).map(|report| {
+            let worker = prep::parts::Worker::resolve(opts.worker_index, opts.worker_count)
+                .map_or(prep::parts::Worker::SINGLE, |(w, _)| w);
             let path = opts
                 .report
                 .clone()
-                .unwrap_or_else(|| prep::default_report_path(&opts.output));
+                .unwrap_or_else(|| prep::worker_report_path(&opts.output, worker));
             println!("{}", report.summary(&path));
         })
     };

@@ -16,16 +16,16 @@ use crate::store::StoreDType;
 pub struct PrepArgs {
     /// Diffusers pipeline folder (vae/, text_encoder/, tokenizer/) or a hub id (HF cache first; downloaded only
     /// when HF_HUB_OFFLINE is not set).
-    #[arg(long, required_unless_present_any = ["demo", "inspect"])]
+    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact"])]
     pub pretrained_model_name_or_path: Option<String>,
     /// Hub dataset that relative --file_path entries belong to (e.g. brivangl/midjourney-v6-llava).
     #[arg(long)]
     pub dataset_name: Option<String>,
     /// Parquet shards; glob patterns allowed (data/train_00*.parquet). Local paths first, then --dataset_name.
-    #[arg(long, num_args = 1.., required_unless_present_any = ["demo", "inspect"])]
+    #[arg(long, num_args = 1.., required_unless_present_any = ["demo", "inspect", "dedupe", "compact"])]
     pub file_path: Vec<String>,
     /// Output Lance dataset (conventionally *.lance). Rerunning resumes; new shards append only new rows.
-    #[arg(long, required_unless_present_any = ["demo", "inspect"])]
+    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact"])]
     pub output: Option<PathBuf>,
     /// Square training resolution (shorter side resized to it, then centre-cropped).
     #[arg(long)]
@@ -80,6 +80,30 @@ pub struct PrepArgs {
     /// Print a store's rows, settings, model fingerprints, bytes per sample and bad rows, then exit.
     #[arg(long, value_name = "STORE")]
     pub inspect: Option<PathBuf>,
+    /// This worker's index among --worker_count workers (0-based; default: RANK or SLURM_PROCID when a
+    /// launcher set them, else a single worker).
+    #[arg(long, requires = "worker_count")]
+    pub worker_index: Option<usize>,
+    /// How many workers share the input (each takes every N-th part; default: WORLD_SIZE or SLURM_NTASKS).
+    #[arg(long, requires = "worker_index")]
+    pub worker_count: Option<usize>,
+    /// Rows per part: the unit of work handed to workers and protected by a lease.
+    #[arg(long)]
+    pub part_rows: Option<usize>,
+    /// Seconds a part's lease lasts without renewal (renewed every third of it); a dead worker's parts are
+    /// taken over after this.
+    #[arg(long)]
+    pub lease_seconds: Option<f64>,
+    /// Store the rows of a file whose name the store knows with other content as <name>@<hash8>#<row>
+    /// (default: refuse it).
+    #[arg(long)]
+    pub distinct_shard_ids: bool,
+    /// Remove extra copies of ids stored more than once (keeping the first), then exit.
+    #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "compact"])]
+    pub dedupe: Option<PathBuf>,
+    /// Compact the store's fragments and drop old versions (every row and the row order kept), then exit.
+    #[arg(long, value_name = "STORE", conflicts_with = "inspect")]
+    pub compact: Option<PathBuf>,
 }
 
 /// The flags required unless `--demo` or `--inspect`.
@@ -101,6 +125,10 @@ fn tunables() -> Vec<(&'static str, String)> {
         ("report", "next to the store".to_string()),
         ("num_workers", "all cores".to_string()),
         ("commit_every", o.commit_every.to_string()),
+        ("worker_index", "launcher or 0".to_string()),
+        ("worker_count", "launcher or 1".to_string()),
+        ("part_rows", o.part_rows.to_string()),
+        ("lease_seconds", o.lease_seconds.to_string()),
         ("zstd_level", o.encoding.zstd_level.unwrap_or(0).to_string()),
     ]
 }
@@ -176,6 +204,11 @@ impl PrepArgs {
         }
         o.encoding.byte_stream_split &= !a.no_byte_stream_split;
         o.progress &= !a.no_progress;
+        o.worker_index = a.worker_index;
+        o.worker_count = a.worker_count;
+        set(&mut o.part_rows, a.part_rows);
+        set(&mut o.lease_seconds, a.lease_seconds);
+        o.distinct_shard_ids |= a.distinct_shard_ids;
         o
     }
 }

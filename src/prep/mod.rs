@@ -4,12 +4,14 @@
 //! images, and the calling thread encodes batches on the device and commits them to the store. Every queue is
 //! bounded, so memory stays flat whatever the number of shards.
 
+pub mod parts; // many workers on one store: parts, leases, shard identities
 pub mod report;
 pub mod source;
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::bounded;
@@ -50,6 +52,16 @@ pub struct PrepOptions {
     pub commit_every: usize,
     pub encoding: FloatEncoding,
     pub progress: bool,
+    /// This worker among several (`--worker_index`/`--worker_count`); `None`: from the torchrun/Slurm
+    /// variables, or a single worker.
+    pub worker_index: Option<usize>,
+    pub worker_count: Option<usize>,
+    /// Rows per part (the unit of work and of leases).
+    pub part_rows: usize,
+    /// Seconds a lease lasts without renewal (renewed every third of it).
+    pub lease_seconds: f64,
+    /// Store the rows of a file whose name is known with other content under `<name>@<hash8>#<row>`.
+    pub distinct_shard_ids: bool,
 }
 
 impl Default for PrepOptions {
@@ -77,17 +89,35 @@ impl Default for PrepOptions {
             commit_every: 1024,
             encoding: FloatEncoding::default(),
             progress: true,
+            worker_index: None,
+            worker_count: None,
+            part_rows: 1024,
+            lease_seconds: 60.0,
+            distinct_shard_ids: false,
         }
     }
 }
 
 /// The default bad-rows report path: next to the store, `<stem>.report.json`.
 pub fn default_report_path(output: &Path) -> PathBuf {
+    worker_report_path(output, parts::Worker::SINGLE)
+}
+
+/// The report path of one worker: `<stem>.report.json` for a single worker, else
+/// `<stem>.worker-<i>-of-<n>.report.json` (workers never share a report file).
+pub fn worker_report_path(output: &Path, worker: parts::Worker) -> PathBuf {
     let stem = output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "store".into());
-    output.with_file_name(format!("{stem}.report.json"))
+    if worker.count == 1 {
+        output.with_file_name(format!("{stem}.report.json"))
+    } else {
+        output.with_file_name(format!(
+            "{stem}.worker-{}-of-{}.report.json",
+            worker.index, worker.count
+        ))
+    }
 }
 
 enum Decoded {
@@ -286,14 +316,50 @@ fn kill_after_commits() -> Option<usize> {
         .ok()
 }
 
+/// The part key of a row id (`<shard name>#<row>`), given each shard's row count and the part size.
+fn part_key_of(id: &str, rows_of: &HashMap<String, usize>, part_rows: usize) -> Option<String> {
+    let (name, row) = id.rsplit_once('#')?;
+    let row: usize = row.parse().ok()?;
+    let rows = *rows_of.get(name)?;
+    let start = row / part_rows * part_rows;
+    let end = (start + part_rows).min(rows) - 1;
+    Some(format!("{name}#{start}-{end}"))
+}
+
+/// Progress of one of this worker's parts: rows still to settle (committed or skipped as bad).
+#[derive(Debug, Default)]
+struct PartTodo {
+    todo: usize,
+    settled: usize,
+    /// The reader has sent every row of the part.
+    sent: bool,
+}
+
 /// Runs a whole prep job and returns its report (also written as JSON).
 pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     let started = Instant::now();
-    if opts.batch_size == 0 || opts.commit_every == 0 {
+    if opts.batch_size == 0 || opts.commit_every == 0 || opts.part_rows == 0 {
         return Err(Error::Arg(
-            "--batch_size and --commit_every must be at least 1".into(),
+            "--batch_size, --commit_every and --part_rows must be at least 1".into(),
         ));
     }
+    if !(opts.lease_seconds.is_finite() && opts.lease_seconds > 0.0) {
+        return Err(Error::Arg("--lease_seconds must be positive".into()));
+    }
+    let (worker, local_rank) = parts::Worker::resolve(opts.worker_index, opts.worker_count)?;
+    if worker.count > 1 && opts.overwrite {
+        return Err(Error::Arg(format!(
+            "--overwrite with {} workers would let every worker replace the store: overwrite (or delete) it once \
+             with a single process, then start the workers",
+            worker.count
+        )));
+    }
+    let mut opts = opts.clone();
+    if worker.count > 1 && opts.device == "cuda" {
+        // one GPU per worker, as torchrun/Slurm place them
+        opts.device = format!("cuda:{local_rank}");
+    }
+    let opts = &opts;
     let files = hub::resolve_data_files(opts.dataset_name.as_deref(), &opts.file_path, hubc)?;
     if files.is_empty() {
         return Err(Error::Arg("no input files: pass --file_path".into()));
@@ -306,42 +372,177 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
         OpenMode::CreateOrAppend
     };
     let mut writer = StoreWriter::open(&opts.output, enc.config.clone(), mode, opts.encoding)?;
+    if opts.overwrite {
+        // the leases and shard identities of the replaced contents mean nothing now
+        let dir = opts.output.join(parts::SPRINT_DIR);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+    }
+    let shards = parts::check_shard_identities(&opts.output, &shards, opts.distinct_shard_ids)?;
+    let all_parts = parts::plan_parts(&shards, opts.part_rows);
+    let mine = parts::parts_of(&all_parts, worker);
+    let rows_of: HashMap<String, usize> = shards
+        .iter()
+        .map(|s| (s.name.clone(), s.num_rows))
+        .collect();
 
     let total_rows: usize = shards.iter().map(|s| s.num_rows).sum();
-    let pending: Vec<String> = shards
+    let pending: Vec<String> = mine
         .iter()
-        .flat_map(|s| (0..s.num_rows).map(move |i| s.id(i)))
+        .flat_map(|p| {
+            let shard = &shards[p.shard];
+            (p.start..p.start + p.len).map(move |r| shard.id(r))
+        })
         .filter(|id| !writer.contains(id))
         .collect();
-    let already = total_rows - pending.len();
-    let pending: Arc<std::collections::HashSet<String>> = Arc::new(pending.into_iter().collect());
+    let mine_rows: usize = mine.iter().map(|p| p.len).sum();
+    let already = mine_rows - pending.len();
+    let pending: Arc<HashSet<String>> = Arc::new(pending.into_iter().collect());
     let pb = progress_bar(pending.len() as u64, opts.progress);
+    if worker.count > 1 {
+        pb.set_prefix(format!("worker {}/{}", worker.index + 1, worker.count));
+    }
+    let say = {
+        let pb = pb.clone();
+        let progress = opts.progress;
+        move |msg: String| {
+            if progress {
+                pb.println(&msg);
+            } else {
+                eprintln!("{msg}");
+            }
+        }
+    };
+
+    let leases = Arc::new(parts::Leases::new(
+        &opts.output,
+        worker,
+        Duration::from_secs_f64(opts.lease_seconds),
+    )?);
+    leases.start_heartbeat();
+    let todo: Arc<Mutex<HashMap<String, PartTodo>>> = Arc::default();
 
     let mut report = PrepReport::new(opts, &shards, total_rows, already);
+    report.worker = format!("{}/{}", worker.index + 1, worker.count);
+    report.parts_total = all_parts.len();
+    report.parts_of_worker = mine.len();
     let cap = opts.batch_size * 4;
     let (raw_tx, raw_rx) = bounded::<RawRow>(cap);
     let (dec_tx, dec_rx) = bounded::<Decoded>(cap);
 
-    let result: Result<()> = std::thread::scope(|scope| {
+    let result: Result<usize> = std::thread::scope(|scope| {
         let reader_shards: Vec<Shard> = shards.clone();
         let keep_set = pending.clone();
         let (image_column, caption_column) =
             (opts.image_column.clone(), opts.caption_column.clone());
-        let reader = scope.spawn(move || -> Result<()> {
-            for shard in &reader_shards {
+        let (leases_r, todo_r, say_r) = (leases.clone(), todo.clone(), say.clone());
+        let store_path = opts.output.clone();
+        let mine = &mine;
+        let reader = scope.spawn(move || -> Result<usize> {
+            let mut done_by_others = 0usize;
+            // one part: rows the store does not hold (re-read when the part was another worker's), then sent
+            let work = |part: &parts::Part, taken_over: bool| -> Result<bool> {
+                let shard = &reader_shards[part.shard];
+                let stored_now: Option<HashSet<String>> = if taken_over {
+                    Some(crate::store::writer::stored_ids(&store_path)?)
+                } else {
+                    None
+                };
+                let keep = |id: &str| {
+                    keep_set.contains(id) && stored_now.as_ref().is_none_or(|s| !s.contains(id))
+                };
+                let n = (part.start..part.start + part.len)
+                    .filter(|r| keep(&shard.id(*r)))
+                    .count();
+                todo_r.lock().expect("todo lock").insert(
+                    part.key.clone(),
+                    PartTodo {
+                        todo: n,
+                        settled: 0,
+                        sent: false,
+                    },
+                );
                 let mut send = |row: RawRow| raw_tx.send(row).is_ok();
-                let cont = source::read_rows(
+                let cont = source::read_rows_range(
                     shard,
+                    part.start,
+                    part.len,
                     &image_column,
                     &caption_column,
-                    &|id| keep_set.contains(id),
+                    &keep,
                     &mut send,
                 )?;
-                if !cont {
-                    break;
+                let finished_now = {
+                    let mut t = todo_r.lock().expect("todo lock");
+                    let e = t.get_mut(&part.key).expect("inserted above");
+                    e.sent = true;
+                    e.settled >= e.todo
+                };
+                if finished_now {
+                    todo_r.lock().expect("todo lock").remove(&part.key);
+                    leases_r.finish(&part.key)?;
+                }
+                Ok(cont)
+            };
+            let mut deferred: Vec<parts::Part> = Vec::new();
+            for part in mine {
+                let n = keep_set_count(part, &reader_shards, &keep_set);
+                match leases_r.try_acquire(part, n)? {
+                    parts::Acquired::Ours { taken_over } => {
+                        if taken_over {
+                            say_r(format!(
+                                "part {} was leased by a worker that stopped renewing it: taking it over",
+                                part.key
+                            ));
+                        }
+                        if !work(part, taken_over)? {
+                            return Ok(done_by_others);
+                        }
+                    }
+                    parts::Acquired::Done(_) => done_by_others += 1,
+                    parts::Acquired::Held(_) => deferred.push(part.clone()),
                 }
             }
-            Ok(())
+            // parts another worker holds: wait until it finishes them, or until its lease expires
+            let mut told: HashMap<String, String> = HashMap::new();
+            while !deferred.is_empty() {
+                let mut still = Vec::new();
+                for part in deferred {
+                    let n = keep_set_count(&part, &reader_shards, &keep_set);
+                    match leases_r.try_acquire(&part, n)? {
+                        parts::Acquired::Ours { taken_over } => {
+                            if taken_over {
+                                say_r(format!(
+                                    "part {} was leased by a worker that stopped renewing it: taking it over",
+                                    part.key
+                                ));
+                            }
+                            if !work(&part, taken_over)? {
+                                return Ok(done_by_others);
+                            }
+                        }
+                        parts::Acquired::Done(_) => done_by_others += 1,
+                        parts::Acquired::Held(info) => {
+                            if told.get(&part.key) != Some(&info.owner) {
+                                say_r(format!(
+                                    "part {} is being encoded by another worker: {}; waiting for it to finish \
+                                     (or for its lease to expire)",
+                                    part.key,
+                                    info.describe()
+                                ));
+                                told.insert(part.key.clone(), info.owner.clone());
+                            }
+                            still.push(part);
+                        }
+                    }
+                }
+                deferred = still;
+                if !deferred.is_empty() {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+            Ok(done_by_others)
         });
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.num_workers.max(1))
@@ -365,8 +566,35 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
             });
         });
 
+        // a row of a part is settled once committed (or skipped as bad); a part whose rows are all settled
+        // and all sent is finished: its lease says done
+        let settle = |ids: &[String]| -> Result<()> {
+            let mut finished = Vec::new();
+            {
+                let mut t = todo.lock().expect("todo lock");
+                for id in ids {
+                    if let Some(key) = part_key_of(id, &rows_of, opts.part_rows) {
+                        if let Some(e) = t.get_mut(&key) {
+                            e.settled += 1;
+                            leases.add_done(&key, 1);
+                            if e.sent && e.settled >= e.todo {
+                                finished.push(key);
+                            }
+                        }
+                    }
+                }
+                for k in &finished {
+                    t.remove(k);
+                }
+            }
+            for k in finished {
+                leases.finish(&k)?;
+            }
+            Ok(())
+        };
         let kill_after = kill_after_commits();
         let mut commits = 0usize;
+        let mut uncommitted: Vec<String> = Vec::new();
         let mut batch: Vec<(String, String, Vec<f32>)> = Vec::with_capacity(opts.batch_size);
         let mut flush = |batch: &mut Vec<(String, String, Vec<f32>)>,
                          writer: &mut StoreWriter,
@@ -376,6 +604,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
             if !batch.is_empty() {
                 let n = batch.len();
                 for row in encode_batch(&enc, opts, std::mem::take(batch))? {
+                    uncommitted.push(row.id.clone());
                     writer.push(row);
                 }
                 report.rows_encoded += n;
@@ -384,22 +613,31 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
             if writer.pending_len() >= opts.commit_every
                 || (force_commit && writer.pending_len() > 0)
             {
+                leases.check_not_lost()?;
                 report.rows_written += writer.commit()?;
                 commits += 1;
                 if kill_after == Some(commits) {
                     std::process::abort();
                 }
             }
+            if writer.pending_len() == 0 && !uncommitted.is_empty() {
+                settle(&std::mem::take(&mut uncommitted))?;
+            }
             Ok(())
         };
         let mut outcome = Ok(());
-        for item in dec_rx.iter() {
+        loop {
+            let item = match dec_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(item) => Some(item),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             match item {
-                Decoded::Ok {
+                Some(Decoded::Ok {
                     id,
                     caption,
                     pixels,
-                } => {
+                }) => {
                     batch.push((id, caption, pixels));
                     if batch.len() == opts.batch_size {
                         if let Err(e) = flush(&mut batch, &mut writer, &mut report, false) {
@@ -408,10 +646,28 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
                         }
                     }
                 }
-                Decoded::Bad(bad) => {
+                Some(Decoded::Bad(bad)) => {
                     pb.inc(1);
+                    let id = bad.id.clone();
                     report.add_bad(bad);
                     pb.set_message(format!("skipped {}", report.bad_rows.len()));
+                    if let Err(e) = settle(std::slice::from_ref(&id)) {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
+                None => {}
+            }
+            // Rows held back (a batch smaller than --batch_size, a commit smaller than --commit_every) may be all
+            // that is left of a part while the reader waits for another worker's part: commit them rather than
+            // hold the part open (two workers could otherwise wait on each other forever).
+            if dec_rx.is_empty() && (!batch.is_empty() || writer.pending_len() > 0) {
+                let all_sent = todo.lock().expect("todo lock").values().all(|e| e.sent);
+                if all_sent {
+                    if let Err(e) = flush(&mut batch, &mut writer, &mut report, true) {
+                        outcome = Err(e);
+                        break;
+                    }
                 }
             }
         }
@@ -422,18 +678,63 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
         decoders
             .join()
             .map_err(|_| Error::Arg("a decode worker panicked".into()))?;
-        reader
+        let done_by_others = reader
             .join()
             .map_err(|_| Error::Arg("the parquet reader panicked".into()))??;
-        outcome
+        outcome.map(|_| done_by_others)
     });
+    leases.stop();
     pb.finish_and_clear();
+    if let Ok(n) = &result {
+        report.parts_done_by_others = *n;
+        if *n > 0 {
+            say(format!(
+                "{n} of this worker's {} part(s) were finished by other workers",
+                mine.len()
+            ));
+        }
+    }
+    // the end-of-run check: no id may be stored twice (older versions or hand-made stores can hold some)
+    if result.is_ok() {
+        let dups = crate::store::maintain::duplicate_ids(&opts.output)?;
+        report.duplicate_ids = dups.len();
+    }
+    // the last worker to finish compacts the store when its many small commits would slow reading
+    if result.is_ok() {
+        let leases = parts::list_leases(&opts.output)?;
+        let all_done = all_parts.iter().all(|p| {
+            leases
+                .iter()
+                .any(|l| l.part == p.key && l.state == parts::LeaseState::Done)
+        });
+        if all_done && crate::store::maintain::needs_compaction(&opts.output)? {
+            match crate::store::maintain::compact(&opts.output) {
+                Ok(c) => {
+                    report.compacted = true;
+                    say(format!(
+                        "compacted the store: {} fragments -> {}",
+                        c.fragments_before, c.fragments_after
+                    ));
+                }
+                // another worker finishing at the same moment may be compacting: its result serves
+                Err(e) => say(format!("compaction skipped: {e}")),
+            }
+        }
+    }
     report.finish(started.elapsed().as_secs_f64());
     let report_path = opts
         .report
         .clone()
-        .unwrap_or_else(|| default_report_path(&opts.output));
+        .unwrap_or_else(|| worker_report_path(&opts.output, worker));
     report.write(&report_path)?;
     result?;
     Ok(report)
+}
+
+/// Rows of `part` in `keep` (not stored when the run started).
+fn keep_set_count(part: &parts::Part, shards: &[Shard], keep: &HashSet<String>) -> usize {
+    let shard = &shards[part.shard];
+    (part.start..part.start + part.len)
+        .filter(|r| keep.contains(&shard.id(*r)))
+        .count()
 }

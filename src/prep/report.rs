@@ -34,6 +34,22 @@ pub struct PrepReport {
     pub bad_rows: Vec<BadRow>,
     pub elapsed_s: f64,
     pub rows_per_s: f64,
+    /// This worker, `i/n` (1-based), and the parts: all of them, this worker's, and those of this worker's that
+    /// other workers finished (an overlapping run).
+    #[serde(default)]
+    pub worker: String,
+    #[serde(default)]
+    pub parts_total: usize,
+    #[serde(default)]
+    pub parts_of_worker: usize,
+    #[serde(default)]
+    pub parts_done_by_others: usize,
+    /// Ids stored more than once, found by the end-of-run check (`sprint-prep --dedupe` removes them).
+    #[serde(default)]
+    pub duplicate_ids: usize,
+    /// This worker was the last to finish and compacted the store's fragments.
+    #[serde(default)]
+    pub compacted: bool,
 }
 
 impl PrepReport {
@@ -52,6 +68,12 @@ impl PrepReport {
             bad_rows: Vec::new(),
             elapsed_s: 0.0,
             rows_per_s: 0.0,
+            worker: "1/1".into(),
+            parts_total: 0,
+            parts_of_worker: 0,
+            parts_done_by_others: 0,
+            duplicate_ids: 0,
+            compacted: false,
         }
     }
 
@@ -101,6 +123,26 @@ impl PrepReport {
             self.output,
             report_path.display()
         );
+        if self.worker != "1/1" && !self.worker.is_empty() {
+            s.push_str(&format!(
+                "\nworker {}: {} of {} part(s){}",
+                self.worker,
+                self.parts_of_worker,
+                self.parts_total,
+                if self.parts_done_by_others > 0 {
+                    format!(", {} finished by other workers", self.parts_done_by_others)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if self.duplicate_ids > 0 {
+            s.push_str(&format!(
+                "\nWARNING: {} id(s) are stored more than once (written by an older version or by hand?); \
+                 `sprint-prep --dedupe {}` removes the extra copies",
+                self.duplicate_ids, self.output
+            ));
+        }
         for (reason, n) in &self.bad_rows_by_reason {
             s.push_str(&format!("\n  skipped ({reason}): {n}"));
         }

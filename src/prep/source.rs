@@ -173,6 +173,30 @@ pub fn read_rows(
     keep: &dyn Fn(&str) -> bool,
     f: &mut dyn FnMut(RawRow) -> bool,
 ) -> Result<bool> {
+    read_rows_range(
+        shard,
+        0,
+        shard.num_rows,
+        image_column,
+        caption_column,
+        keep,
+        f,
+    )
+}
+
+/// [`read_rows`] over rows `[start, start + len)` of the shard only (parquet skips the pages before).
+pub fn read_rows_range(
+    shard: &Shard,
+    start: usize,
+    len: usize,
+    image_column: &str,
+    caption_column: &str,
+    keep: &dyn Fn(&str) -> bool,
+    f: &mut dyn FnMut(RawRow) -> bool,
+) -> Result<bool> {
+    if len == 0 {
+        return Ok(true);
+    }
     let builder = open(&shard.path)?;
     let parquet_schema = builder.parquet_schema();
     let roots: Vec<usize> = builder
@@ -187,9 +211,11 @@ pub fn read_rows(
     let reader = builder
         .with_projection(mask)
         .with_batch_size(64)
+        .with_offset(start)
+        .with_limit(len)
         .build()
         .map_err(|e| Error::data(&shard.path, format!("cannot read parquet: {e}")))?;
-    let mut row = 0usize;
+    let mut row = start;
     for batch in reader {
         let batch: RecordBatch =
             batch.map_err(|e| Error::data(&shard.path, format!("cannot read parquet: {e}")))?;

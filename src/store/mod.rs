@@ -6,7 +6,8 @@
 //! * [`schema`]: column names ([`columns`]), element types, the Arrow schema and the float encoding;
 //! * [`config`]: the `sprint.config` metadata ([`StoreConfig`]);
 //! * [`writer`]: [`StoreWriter`]; [`reader`]: [`LatentStore`], [`RowReader`];
-//! * [`inspect`]: the `--inspect` summary; [`compat`]: does a store fit a prep run or a teacher.
+//! * [`inspect`]: the `--inspect` summary; [`compat`]: does a store fit a prep run or a teacher;
+//! * [`maintain`]: `--dedupe` (remove duplicate ids) and `--compact` (merge fragments, drop old versions).
 
 use std::path::Path;
 
@@ -16,6 +17,7 @@ pub mod compat; // does a store fit a prep run, a teacher folder: settings, fing
 pub mod config;
 mod f16;
 pub mod inspect;
+pub mod maintain;
 pub mod reader;
 pub mod schema;
 pub mod writer;

@@ -108,12 +108,40 @@ impl StoreWriter {
             };
             Ok(rt.block_on(Dataset::write(empty, uri(path).as_str(), Some(params)))?)
         };
-        let (dataset, existing) = if !exists {
-            (create(WriteMode::Create)?, HashSet::new())
+        // Several workers may start on a new store at once. Lance records a creation on an existing dataset
+        // as an overwrite, which would drop the rows another worker appended meanwhile, so exactly one worker
+        // creates the store: the one that makes `_sprint/creating` (an exclusive file create); the others wait
+        // until the store opens.
+        let created = if !exists {
+            if creation_lock(path)? {
+                let ds = create(WriteMode::Create);
+                let _ = std::fs::remove_file(path.join(CREATING));
+                Some(ds?)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let (dataset, existing) = if let Some(ds) = created {
+            (ds, HashSet::new())
         } else if mode == OpenMode::Overwrite {
             (create(WriteMode::Overwrite)?, HashSet::new())
         } else {
-            let ds = rt.block_on(Dataset::open(&uri(path)))?;
+            // (a store another worker is creating this instant opens once its first version is committed)
+            let waited = std::time::Instant::now();
+            let ds = loop {
+                match rt.block_on(Dataset::open(&uri(path))) {
+                    Ok(ds) => break ds,
+                    Err(_)
+                        if path.join(CREATING).exists()
+                            && waited.elapsed() < std::time::Duration::from_secs(120) =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             let stored = read_config(path, &ds)?;
             if let Some(diff) = stored.incompatibility(&config) {
                 return Err(Error::store(
@@ -190,6 +218,48 @@ impl StoreWriter {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Marker of a store being created by one worker (inside the store folder).
+const CREATING: &str = "_sprint/creating";
+
+/// Takes the right to create the store at `path`: true for exactly one of several racing workers. A marker left
+/// by a creator that died before committing (older than a minute, and still no store) is replaced.
+fn creation_lock(path: &Path) -> Result<bool> {
+    let marker = path.join(CREATING);
+    let dir = marker.parent().expect("has a parent");
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+        {
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let age = std::fs::metadata(&marker)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                if age.is_some_and(|a| a > std::time::Duration::from_secs(60))
+                    && !path.join("_versions").is_dir()
+                {
+                    let _ = std::fs::remove_file(&marker);
+                    continue;
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(Error::io(&marker, e)),
+        }
+    }
+    Ok(false)
+}
+
+/// The ids stored at `path` now (a worker taking over another's part re-reads them).
+pub fn stored_ids(path: &Path) -> Result<HashSet<String>> {
+    let rt = runtime()?;
+    let ds = rt.block_on(Dataset::open(&uri(path)))?;
+    rt.block_on(read_ids(&ds))
 }
 
 async fn read_ids(ds: &Dataset) -> Result<HashSet<String>> {

@@ -17,6 +17,8 @@ mod golden_sana;
 mod grad_checkpoint;
 mod loader;
 mod prep_e2e;
+mod prep_parallel;
+mod store_maintain;
 mod student_init;
 mod train_loop;
 mod train_refusals;
