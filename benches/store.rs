@@ -14,6 +14,11 @@
 //! `cargo bench --profile dev --bench store -- --fragments [ROWS]` (default 256 rows): the loader on a store
 //! written one row per commit (one fragment per row, as many tiny prep commits leave it) against the same store
 //! after `store::maintain::compact`.
+//!
+//! `cargo bench --profile dev --bench store -- --remote s3://bucket/bench.lance [ROWS]` (default 256 rows): the
+//! loader on the same rows in a local store and in one at the URI (an object store; endpoint and credentials
+//! from the AWS_* variables; the URI must not hold a store yet); `--commit-rows N` commits every N rows (one data
+//! file each) instead of once.
 
 use std::time::Instant;
 
@@ -56,6 +61,7 @@ fn config(latent: StoreDType, embed: StoreDType) -> StoreConfig {
         },
         latent_shape: [32, 32, 32],
         writer: "bench".into(),
+        multi_scale: None,
     }
 }
 
@@ -101,6 +107,14 @@ fn main() {
     let rows_arg: Option<usize> = std::env::args().skip(1).find_map(|a| a.parse().ok());
     if std::env::args().any(|a| a == "--fragments") {
         fragments(rows_arg.unwrap_or(256));
+        return;
+    }
+    if let Some(uri) = std::env::args().skip_while(|a| a != "--remote").nth(1) {
+        let commit_rows = std::env::args()
+            .skip_while(|a| a != "--commit-rows")
+            .nth(1)
+            .and_then(|v| v.parse().ok());
+        local_vs_remote(rows_arg.unwrap_or(256), &uri, commit_rows);
         return;
     }
     let n = rows_arg.unwrap_or(64);
@@ -206,6 +220,15 @@ fn loader_throughput(path: &std::path::Path, n: usize) {
         "  sequential read of the store files: {seq:.0} MB/s ({:.0} samples/s equivalent)",
         seq * 1e6 / per_sample
     );
+    loader_rates(path, n, Some(seq));
+}
+
+/// Samples/s of the shuffled, prefetched loader at batch 1 and 4 (against the sequential rate when known).
+fn loader_rates(path: &std::path::Path, n: usize, seq: Option<f64>) {
+    let per_sample = {
+        let store = LatentStore::open(path).unwrap();
+        store.disk_bytes() as f64 / n as f64
+    };
     for batch_size in [1usize, 4] {
         let opts = LoaderOptions {
             batch_size,
@@ -226,10 +249,15 @@ fn loader_throughput(path: &std::path::Path, n: usize) {
         let sps = (batches * batch_size) as f64 / t.elapsed().as_secs_f64();
         let cpu_ms = 1e3 * (sana_sprint::system::cpu_seconds().unwrap_or(0.0) - cpu)
             / (batches * batch_size) as f64;
+        let of_seq = seq.map_or(String::new(), |seq| {
+            format!(
+                " ({:.0}% of sequential)",
+                100.0 * sps * per_sample / 1e6 / seq
+            )
+        });
         println!(
-            "  loader, shuffled, batch {batch_size}: {sps:.1} samples/s = {:.0} MB/s of store ({:.0}% of sequential), {cpu_ms:.2} CPU ms/sample",
+            "  loader, shuffled, batch {batch_size}: {sps:.1} samples/s = {:.0} MB/s of store{of_seq}, {cpu_ms:.2} CPU ms/sample",
             sps * per_sample / 1e6,
-            100.0 * sps * per_sample / 1e6 / seq
         );
     }
 }
@@ -313,4 +341,39 @@ fn fragments(n: usize) {
     );
     describe("compacted");
     loader_throughput(&path, n);
+}
+
+/// The loader on `n` rows stored locally and the same rows at `uri` (an object store), committed every
+/// `commit_rows` rows (default: one commit, one data file).
+fn local_vs_remote(n: usize, uri: &str, commit_rows: Option<usize>) {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local.lance");
+    let remote = std::path::PathBuf::from(uri);
+    for path in [&local, &remote] {
+        let t = Instant::now();
+        let mut w = StoreWriter::open(
+            path,
+            config(StoreDType::Float32, StoreDType::Float16),
+            OpenMode::CreateOrAppend,
+            FloatEncoding::default(),
+        )
+        .unwrap();
+        for (i, r) in rows(n).into_iter().enumerate() {
+            w.push(r);
+            if commit_rows.is_some_and(|c| (i + 1) % c == 0) {
+                w.commit().unwrap();
+            }
+        }
+        w.commit().unwrap();
+        drop(w);
+        let store = LatentStore::open(path).unwrap();
+        println!(
+            "{}: {n} rows written in {:.1} s, {} fragment(s), {:.1} MB",
+            path.display(),
+            t.elapsed().as_secs_f64(),
+            store.num_fragments(),
+            store.disk_bytes() as f64 / 1e6
+        );
+        loader_rates(path, n, None);
+    }
 }

@@ -6,6 +6,10 @@
 //! Pillow 13's `ImagingResample` (separable passes in Pillow's order, support scaled by the downscale
 //! factor, 22-bit fixed-point coefficients, uint8 rounding between the passes), so that decoded
 //! PNG/WebP-lossless pixels give bit-identical tensors.
+//!
+//! The multi-scale transform of aspect-ratio buckets (NVlabs Sana's: resize to cover the bucket with BICUBIC,
+//! or LANCZOS at 2048 px, then `CenterCrop((h, w))`) runs on the same resampler with the other filters
+//! ([`resize_center_crop_to`], [`preprocess_bucket_into`]; buckets in [`crate::buckets`]).
 
 use std::io::Cursor;
 use std::ops::Range;
@@ -169,15 +173,83 @@ struct Taps {
     ksize: usize,
 }
 
+/// A resampling filter of Pillow's `Image.resize` (its `Resample.c` definitions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// `Image.BILINEAR`: the triangle, support 1 (the square transform's `Resize`).
+    Bilinear,
+    /// `Image.BICUBIC`: Keys' cubic with a = -0.5, support 2 (the multi-scale transform up to 1024 px).
+    Bicubic,
+    /// `Image.LANCZOS`: sinc windowed by sinc(x/3), support 3 (the multi-scale transform at 2048 px).
+    Lanczos,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+            Filter::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Filter::Bilinear => (1.0 - x.abs()).max(0.0),
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Filter::Lanczos => {
+                let sinc = |x: f64| {
+                    if x == 0.0 {
+                        1.0
+                    } else {
+                        let x = x * std::f64::consts::PI;
+                        x.sin() / x
+                    }
+                };
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    /// The name PIL and torchvision give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Filter::Bilinear => "bilinear",
+            Filter::Bicubic => "bicubic",
+            Filter::Lanczos => "lanczos",
+        }
+    }
+}
+
 impl Taps {
-    /// BILINEAR (triangle) filter over the box `[0, in_size)` resampled to `out_size` samples; taps of
-    /// the outputs `first..first + count` only (each output's taps depend on its own index alone).
+    /// BILINEAR taps (the square transform's).
+    #[cfg(test)]
     fn bilinear(in_size: u32, out_size: u32, first: u32, count: u32) -> Self {
+        Taps::new(Filter::Bilinear, in_size, out_size, first, count)
+    }
+
+    /// `filter` over the box `[0, in_size)` resampled to `out_size` samples; taps of the outputs
+    /// `first..first + count` only (each output's taps depend on its own index alone).
+    fn new(filter: Filter, in_size: u32, out_size: u32, first: u32, count: u32) -> Self {
         // Pillow passes the box as C floats and computes in doubles
         let (in0, in1) = (0f32, in_size as f32);
         let scale = f64::from(in1 - in0) / f64::from(out_size);
         let filterscale = scale.max(1.0);
-        let support = filterscale; // the bilinear filter's support is 1
+        let support = filter.support() * filterscale;
         let ksize = support.ceil() as usize * 2 + 1;
         let inv_filterscale = 1.0 / filterscale;
         let mut bounds = Vec::with_capacity(count as usize);
@@ -193,7 +265,7 @@ impl Taps {
             let mut total = 0.0;
             for (x, w) in weights[..taps].iter_mut().enumerate() {
                 let t = ((x as i32 + xmin) as f64 - center + 0.5) * inv_filterscale;
-                *w = (1.0 - t.abs()).max(0.0);
+                *w = filter.weight(t);
                 total += *w;
             }
             for (kx, &w) in k.iter_mut().zip(&weights[..taps]) {
@@ -303,11 +375,12 @@ fn vertical_pass(
     out
 }
 
-/// A window `[x0, x0 + w) x [y0, y0 + h)` of PIL's `img.resize((out_w, out_h), BILINEAR)`.
+/// A window `[x0, x0 + w) x [y0, y0 + h)` of PIL's `img.resize((out_w, out_h), filter)`.
 /// Every output pixel depends only on its own taps, so the window equals the same crop of the full
 /// resize; computing only the window saves the columns and rows the centre crop discards.
 fn resize_window(
     img: &RgbImage,
+    filter: Filter,
     (out_w, out_h): (u32, u32),
     (x0, y0, w, h): (u32, u32, u32, u32),
 ) -> RgbImage {
@@ -316,8 +389,8 @@ fn resize_window(
     let cols = x0 as usize..(x0 + w) as usize;
     let rows = y0 as usize..(y0 + h) as usize;
     // Pillow skips a pass whose size does not change
-    let horizontal = (out_w != in_w).then(|| Taps::bilinear(in_w, out_w, x0, w));
-    let vertical = (out_h != in_h).then(|| Taps::bilinear(in_h, out_h, y0, h));
+    let horizontal = (out_w != in_w).then(|| Taps::new(filter, in_w, out_w, x0, w));
+    let vertical = (out_h != in_h).then(|| Taps::new(filter, in_h, out_h, y0, h));
     // Pillow 13 runs the vertical pass first when the height shrinks by more than twice the width;
     // the uint8 rounding between the passes makes the order visible in the result.
     let shrink_h = i64::from(in_h) - i64::from(out_h);
@@ -351,7 +424,70 @@ pub fn resize_center_crop(img: &RgbImage, resolution: u32) -> RgbImage {
     let (out_w, out_h) = resized_size(in_w, in_h, resolution);
     let left = center_crop_offset(out_w, resolution);
     let top = center_crop_offset(out_h, resolution);
-    resize_window(img, (out_w, out_h), (left, top, resolution, resolution))
+    resize_window(
+        img,
+        Filter::Bilinear,
+        (out_w, out_h),
+        (left, top, resolution, resolution),
+    )
+}
+
+/// The size NVlabs' multi-scale transform resizes a `width x height` image to before cropping it to a bucket of
+/// `bucket_h x bucket_w`, as `(width, height)`: the scale that makes the image cover the bucket, the other side
+/// truncated (`int(w * th / h)` in Python's float arithmetic).
+pub fn bucket_resize_size(width: u32, height: u32, bucket_h: u32, bucket_w: u32) -> (u32, u32) {
+    let (w, h, th, tw) = (
+        f64::from(width),
+        f64::from(height),
+        f64::from(bucket_h),
+        f64::from(bucket_w),
+    );
+    if th / h > tw / w {
+        (((w * th) / h) as u32, bucket_h)
+    } else {
+        (bucket_w, ((h * tw) / w) as u32)
+    }
+}
+
+/// NVlabs' multi-scale transform up to the tensor conversion: `Resize((rh, rw), filter)` to
+/// [`bucket_resize_size`] and `CenterCrop((bucket_h, bucket_w))`, the `bucket_w x bucket_h` uint8 crop,
+/// bit-exact with PIL + torchvision.
+pub fn resize_center_crop_to(
+    img: &RgbImage,
+    (bucket_h, bucket_w): (u32, u32),
+    filter: Filter,
+) -> RgbImage {
+    assert!(
+        bucket_h > 0 && bucket_w > 0,
+        "bucket sizes must be positive"
+    );
+    let (in_w, in_h) = img.dimensions();
+    let (out_w, out_h) = bucket_resize_size(in_w, in_h, bucket_h, bucket_w);
+    // the resize covers the bucket, so the crop never pads
+    let left = center_crop_offset(out_w.max(bucket_w), bucket_w);
+    let top = center_crop_offset(out_h.max(bucket_h), bucket_h);
+    resize_window(img, filter, (out_w, out_h), (left, top, bucket_w, bucket_h))
+}
+
+/// The multi-scale transform of an RGB image into `out` (CHW f32 in [-1, 1], `3 * bucket_h * bucket_w`
+/// values): [`resize_center_crop_to`], `ToTensor`, `Normalize(0.5, 0.5)`.
+pub fn preprocess_bucket_into(img: &RgbImage, bucket: (u32, u32), filter: Filter, out: &mut [f32]) {
+    let crop = resize_center_crop_to(img, bucket, filter);
+    chw_normalized(&crop, out);
+}
+
+/// `ToTensor` + `Normalize(0.5, 0.5)` of an RGB crop into `out` (CHW).
+fn chw_normalized(crop: &RgbImage, out: &mut [f32]) {
+    let plane = (crop.width() * crop.height()) as usize;
+    assert_eq!(out.len(), 3 * plane, "output must hold 3 x h x w values");
+    let lut: [f32; 256] = std::array::from_fn(|v| normalized(v as u8));
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, px) in crop.as_raw().chunks_exact(3).enumerate() {
+        r[i] = lut[px[0] as usize];
+        g[i] = lut[px[1] as usize];
+        b[i] = lut[px[2] as usize];
+    }
 }
 
 /// `ToTensor` + `Normalize(0.5, 0.5)` of one byte, in torch's f32 arithmetic: `(v / 255 - 0.5) / 0.5`.
@@ -368,15 +504,7 @@ pub fn preprocess_into(img: &RgbImage, resolution: u32, out: &mut [f32]) {
         3 * plane,
         "output must hold 3 x res x res values"
     );
-    let lut: [f32; 256] = std::array::from_fn(|v| normalized(v as u8));
-    let crop = resize_center_crop(img, resolution);
-    let (r, rest) = out.split_at_mut(plane);
-    let (g, b) = rest.split_at_mut(plane);
-    for (i, px) in crop.as_raw().chunks_exact(3).enumerate() {
-        r[i] = lut[px[0] as usize];
-        g[i] = lut[px[1] as usize];
-        b[i] = lut[px[2] as usize];
-    }
+    chw_normalized(&resize_center_crop(img, resolution), out);
 }
 
 /// The reference transform of an RGB image: `Resize(res)`, `CenterCrop(res)`, `ToTensor`,

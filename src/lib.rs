@@ -1,6 +1,7 @@
 //! sana-sprint: distil SANA text-to-image models into one-step SANA-Sprint models.
 //!
 //! Module map:
+pub mod buckets; // aspect-ratio buckets: the SANA multi-scale tables, nearest bucket
 pub mod cli; // sprint-prep and sprint-train flags: defaults filled from the library options
 pub mod device; // --device and --mixed_precision: parsing, defaults, compute dtypes
 pub mod dist; // multi-process runs: torchrun / Slurm variables, the CPU ring collective

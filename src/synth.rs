@@ -921,6 +921,7 @@ pub fn random_store(
         },
         latent_shape: [32, h, h],
         writer: "sprint-bench".into(),
+        multi_scale: None,
     };
     let mut writer = StoreWriter::open(
         path,

@@ -5,6 +5,7 @@ Exits non-zero with a message if anything in the contract does not hold.
 """
 import base64
 import json
+import os
 import sys
 
 import lance
@@ -13,8 +14,19 @@ import pyarrow as pa
 
 path = sys.argv[1]
 
+
+def storage_options(path):
+    """The AWS_* variables as Lance storage options, for s3:// URIs."""
+    if not path.startswith("s3://"):
+        return None
+    names = {"AWS_ENDPOINT_URL": "aws_endpoint", "AWS_REGION": "aws_region", "AWS_ALLOW_HTTP": "allow_http",
+             "AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key"}
+    return {opt: os.environ[var] for var, opt in names.items() if var in os.environ} or None
+
+
 # --- the README snippet -------------------------------------------------------------------------
-ds = lance.dataset(path)
+# (an s3:// store: pass storage_options={"aws_endpoint": ..., ...}, or set the AWS_* variables)
+ds = lance.dataset(path, storage_options=storage_options(path))
 cfg = json.loads(ds.schema.metadata[b"sprint.config"])
 row = ds.take([0]).to_pylist()[0]
 c, h, w = row["latent_shape"]

@@ -40,6 +40,30 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
         c.latent_dtype.name(),
         c.vae_scaling_factor
     );
+    if let Some(m) = &c.multi_scale {
+        let hist = store::inspect::bucket_histogram(&st)?;
+        println!(
+            "buckets          the {} px aspect-ratio table ({}), {} of {} bucket(s) used:",
+            m.table,
+            m.filter,
+            hist.len(),
+            m.buckets.len()
+        );
+        let rows: usize = hist.iter().map(|(_, n)| n).sum();
+        for (shape, n) in &hist {
+            let bucket = m.buckets.iter().find(|b| {
+                b.latent_shape == [shape[0] as usize, shape[1] as usize, shape[2] as usize]
+            });
+            let name = bucket.map_or_else(
+                || "not in the table".to_string(),
+                |b| format!("{}x{} (h/w {})", b.height, b.width, b.key),
+            );
+            println!(
+                "    {name:<24} latent {shape:?}: {n} row(s) ({:.1}%)",
+                100.0 * *n as f64 / rows.max(1) as f64
+            );
+        }
+    }
     println!(
         "prompts          max_sequence_length {}, D {}, {} (mean prompt_len {}), instruction: {}",
         c.max_sequence_length,
@@ -209,7 +233,11 @@ fn main() -> ExitCode {
         })
     } else {
         let opts = args.options();
-        if let Some(parent) = opts.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = opts
+            .output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty() && !store::location::is_remote(&opts.output))
+        {
             if let Err(e) = std::fs::create_dir_all(parent) {
                 eprintln!("error: cannot create {}: {e}", parent.display());
                 return ExitCode::from(2);

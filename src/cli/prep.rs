@@ -98,6 +98,10 @@ pub struct PrepArgs {
     /// (default: refuse it).
     #[arg(long)]
     pub distinct_shard_ids: bool,
+    /// Aspect-ratio buckets (SANA's multi-scale training): each image is resized to cover the nearest bucket of
+    /// the --resolution table (512, 1024 or 2048) and centre-cropped to it, instead of a square crop.
+    #[arg(long)]
+    pub multi_scale: bool,
     /// Remove extra copies of ids stored more than once (keeping the first), then exit.
     #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "compact"])]
     pub dedupe: Option<PathBuf>,
@@ -209,6 +213,7 @@ impl PrepArgs {
         set(&mut o.part_rows, a.part_rows);
         set(&mut o.lease_seconds, a.lease_seconds);
         o.distinct_shard_ids |= a.distinct_shard_ids;
+        o.multi_scale |= a.multi_scale;
         o
     }
 }

@@ -8,7 +8,7 @@ pub mod parts; // many workers on one store: parts, leases, shard identities
 pub mod report;
 pub mod source;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::bounded;
 
+use crate::buckets::BucketTable;
 use crate::device::{default_device, parse_device, MixedPrecision};
 use crate::error::{Error, Result};
 use crate::hub::{self, HubConfig};
 use crate::models::dcae::{DcaeConfig, DcaeEncoder};
 use crate::store::compat::fingerprint_folder;
+use crate::store::{BucketInfo, MultiScaleInfo, FORMAT_VERSION_MULTI_SCALE};
 use crate::store::{
     FloatEncoding, LatentRow, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo, StoreConfig,
     StoreDType, StoreWriter, FORMAT_VERSION,
@@ -62,6 +64,8 @@ pub struct PrepOptions {
     pub lease_seconds: f64,
     /// Store the rows of a file whose name is known with other content under `<name>@<hash8>#<row>`.
     pub distinct_shard_ids: bool,
+    /// Aspect-ratio buckets: each image to the nearest bucket of the `resolution` table (512, 1024, 2048).
+    pub multi_scale: bool,
 }
 
 impl Default for PrepOptions {
@@ -94,6 +98,7 @@ impl Default for PrepOptions {
             part_rows: 1024,
             lease_seconds: 60.0,
             distinct_shard_ids: false,
+            multi_scale: false,
         }
     }
 }
@@ -120,16 +125,58 @@ pub fn worker_report_path(output: &Path, worker: parts::Worker) -> PathBuf {
     }
 }
 
+/// The pixel size `(height, width)` a decoded image was transformed to: the square, or its bucket.
+type PixelSize = (u32, u32);
+/// Decoded rows waiting for the device, by pixel size: (id, caption, CHW pixels).
+type OpenBatches = BTreeMap<PixelSize, Vec<(String, String, Vec<f32>)>>;
+
 enum Decoded {
     Ok {
         id: String,
         caption: String,
         pixels: Vec<f32>,
+        size: PixelSize,
     },
     Bad(BadRow),
 }
 
-fn decode_row(row: RawRow, resolution: u32) -> Decoded {
+/// How images become tensors: the square transform at a resolution, or the multi-scale one into a table's
+/// nearest bucket.
+#[derive(Debug, Clone)]
+pub enum Transform {
+    Square(u32),
+    Buckets(BucketTable),
+}
+
+impl Transform {
+    fn of(opts: &PrepOptions) -> Result<Transform> {
+        Ok(if opts.multi_scale {
+            Transform::Buckets(BucketTable::for_resolution(opts.resolution)?)
+        } else {
+            Transform::Square(opts.resolution)
+        })
+    }
+
+    /// The CHW f32 tensor of an RGB image and its pixel size.
+    pub fn apply(&self, img: &image::RgbImage) -> (Vec<f32>, PixelSize) {
+        match self {
+            Transform::Square(r) => (crate::image::preprocess(img, *r), (*r, *r)),
+            Transform::Buckets(table) => {
+                let (_, b) = table.nearest(img.height(), img.width());
+                let mut out = vec![0f32; 3 * (b.height * b.width) as usize];
+                crate::image::preprocess_bucket_into(
+                    img,
+                    (b.height, b.width),
+                    table.filter(),
+                    &mut out,
+                );
+                (out, (b.height, b.width))
+            }
+        }
+    }
+}
+
+fn decode_row(row: RawRow, transform: &Transform) -> Decoded {
     let bad = |reason: &str, detail: String| {
         Decoded::Bad(BadRow {
             id: row.id.clone(),
@@ -147,11 +194,15 @@ fn decode_row(row: RawRow, resolution: u32) -> Decoded {
         return bad("empty image bytes", String::new());
     }
     match crate::image::decode_rgb(bytes) {
-        Ok(img) => Decoded::Ok {
-            id: row.id,
-            caption,
-            pixels: crate::image::preprocess(&img, resolution),
-        },
+        Ok(img) => {
+            let (pixels, size) = transform.apply(&img);
+            Decoded::Ok {
+                id: row.id,
+                caption,
+                pixels,
+                size,
+            }
+        }
         // The image module's messages start with a short stable category ("corrupt image: …").
         Err(Error::Data { msg, .. }) => {
             let reason = msg
@@ -213,13 +264,64 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
         })
     };
     let r = opts.resolution as usize;
+    let c = vae_config.latent_channels;
+    let multi_scale = match Transform::of(opts)? {
+        Transform::Square(_) => None,
+        Transform::Buckets(table) => Some(MultiScaleInfo {
+            table: table.resolution(),
+            filter: table.filter().name().into(),
+            buckets: table
+                .entries()
+                .map(|(key, b)| {
+                    if b.height % f != 0 || b.width % f != 0 {
+                        return Err(Error::Arg(format!(
+                            "the bucket {b} is not a multiple of the VAE's spatial compression {f}"
+                        )));
+                    }
+                    Ok(BucketInfo {
+                        key: key.into(),
+                        height: b.height,
+                        width: b.width,
+                        latent_shape: [c, (b.height / f) as usize, (b.width / f) as usize],
+                    })
+                })
+                .collect::<Result<_>>()?,
+        }),
+    };
+    let preprocess = match &multi_scale {
+        None => PreprocessInfo {
+            resize: "shorter side to resolution, bilinear with antialias (PIL BILINEAR, as torchvision Resize on PIL images)".into(),
+            crop: "center crop resolution x resolution (torchvision CenterCrop)".into(),
+            normalize: "RGB (PIL convert) / 255 * 2 - 1".into(),
+            mixed_precision: opts.mixed_precision.name().into(),
+        },
+        Some(m) => PreprocessInfo {
+            resize: format!(
+                "nearest aspect-ratio bucket of the {} table (first key minimising |key - h/w|), resized to cover \
+                 it with {} with antialias (PIL {}, as torchvision Resize on PIL images; NVlabs Sana multi-scale)",
+                m.table,
+                m.filter,
+                m.filter.to_uppercase()
+            ),
+            crop: "center crop to the bucket (torchvision CenterCrop((h, w)))".into(),
+            normalize: "RGB (PIL convert) / 255 * 2 - 1".into(),
+            mixed_precision: opts.mixed_precision.name().into(),
+        },
+    };
     let config = StoreConfig {
-        format_version: FORMAT_VERSION,
+        format_version: if multi_scale.is_some() {
+            FORMAT_VERSION_MULTI_SCALE
+        } else {
+            FORMAT_VERSION
+        },
         resolution: opts.resolution,
         max_sequence_length: opts.max_sequence_length,
-        complex_human_instruction: opts
-            .complex_human_instruction
-            .then(|| COMPLEX_HUMAN_INSTRUCTION.iter().map(|s| s.to_string()).collect()),
+        complex_human_instruction: opts.complex_human_instruction.then(|| {
+            COMPLEX_HUMAN_INSTRUCTION
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        }),
         vae_scaling_factor: vae_config.scaling_factor,
         text_hidden_size: d,
         latent_dtype: opts.latent_dtype,
@@ -229,16 +331,19 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
         models: ModelsInfo {
             vae: fp("vae", &["config.json"])?,
             text_encoder: fp("text_encoder", &["config.json"])?,
-            tokenizer: fp("tokenizer", &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])?,
+            tokenizer: fp(
+                "tokenizer",
+                &[
+                    "tokenizer.json",
+                    "tokenizer_config.json",
+                    "special_tokens_map.json",
+                ],
+            )?,
         },
-        preprocess: PreprocessInfo {
-            resize: "shorter side to resolution, bilinear with antialias (PIL BILINEAR, as torchvision Resize on PIL images)".into(),
-            crop: "center crop resolution x resolution (torchvision CenterCrop)".into(),
-            normalize: "RGB (PIL convert) / 255 * 2 - 1".into(),
-            mixed_precision: opts.mixed_precision.name().into(),
-        },
-        latent_shape: [vae_config.latent_channels, r / f as usize, r / f as usize],
+        preprocess,
+        latent_shape: [c, r / f as usize, r / f as usize],
         writer: format!("sana-sprint {}", env!("CARGO_PKG_VERSION")),
+        multi_scale,
     };
     Ok(Encoders {
         vae,
@@ -249,19 +354,20 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
     })
 }
 
-/// Encodes one batch of decoded samples into store rows.
+/// Encodes one batch of decoded samples of one pixel size `(height, width)` into store rows.
 pub fn encode_batch(
     enc: &Encoders,
     opts: &PrepOptions,
     batch: Vec<(String, String, Vec<f32>)>,
+    (height, width): PixelSize,
 ) -> Result<Vec<LatentRow>> {
-    let r = opts.resolution as usize;
+    let (h, w) = (height as usize, width as usize);
     let b = batch.len();
-    let mut pixels = Vec::with_capacity(b * 3 * r * r);
+    let mut pixels = Vec::with_capacity(b * 3 * h * w);
     for (_, _, p) in &batch {
         pixels.extend_from_slice(p);
     }
-    let x = Tensor::from_vec(pixels, (b, 3, r, r), &enc.device)?;
+    let x = Tensor::from_vec(pixels, (b, 3, h, w), &enc.device)?;
     let latent = enc.vae.forward(&x)?.to_dtype(DType::F32)?;
     let (c, h, w) = (latent.dim(1)?, latent.dim(2)?, latent.dim(3)?);
     let latent: Vec<f32> = latent.flatten_all()?.to_vec1()?;
@@ -354,6 +460,25 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
             worker.count
         )));
     }
+    if let Some(remote) = crate::store::location::remote(&opts.output)? {
+        // leases, the creation marker and Lance's own commits rely on conditional writes
+        if !remote.conditional_writes()? {
+            let why = format!(
+                "the object store at {} does not honour conditional writes (If-None-Match / If-Match)",
+                remote.uri()
+            );
+            if worker.count > 1 {
+                return Err(Error::store(
+                    &opts.output,
+                    format!(
+                        "{why}: concurrent workers could store rows twice there. Use an endpoint that does \
+                         (AWS S3, MinIO, Cloudflare R2, moto, ...) or run a single worker"
+                    ),
+                ));
+            }
+            tracing::warn!("{why}: do not run two sprint-prep processes on this store at once");
+        }
+    }
     let mut opts = opts.clone();
     if worker.count > 1 && opts.device == "cuda" {
         // one GPU per worker, as torchrun/Slurm place them
@@ -374,10 +499,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     let mut writer = StoreWriter::open(&opts.output, enc.config.clone(), mode, opts.encoding)?;
     if opts.overwrite {
         // the leases and shard identities of the replaced contents mean nothing now
-        let dir = opts.output.join(parts::SPRINT_DIR);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
+        crate::store::location::remove_dir(&opts.output, parts::SPRINT_DIR)?;
     }
     let shards = parts::check_shard_identities(&opts.output, &shards, opts.distinct_shard_ids)?;
     let all_parts = parts::plan_parts(&shards, opts.part_rows);
@@ -431,6 +553,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     let (raw_tx, raw_rx) = bounded::<RawRow>(cap);
     let (dec_tx, dec_rx) = bounded::<Decoded>(cap);
 
+    let transform = Transform::of(opts)?;
     let result: Result<usize> = std::thread::scope(|scope| {
         let reader_shards: Vec<Shard> = shards.clone();
         let keep_set = pending.clone();
@@ -549,14 +672,14 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
             .thread_name(|i| format!("decode-{i}"))
             .build()
             .map_err(|e| Error::Arg(format!("cannot start the decode pool: {e}")))?;
-        let resolution = opts.resolution;
+        let transform = &transform;
         let decoders = scope.spawn(move || {
             pool.scope(|s| {
                 for _ in 0..pool.current_num_threads() {
                     let (rx, tx) = (raw_rx.clone(), dec_tx.clone());
                     s.spawn(move |_| {
                         for row in rx.iter() {
-                            if tx.send(decode_row(row, resolution)).is_err() {
+                            if tx.send(decode_row(row, transform)).is_err() {
                                 break;
                             }
                         }
@@ -595,15 +718,26 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
         let kill_after = kill_after_commits();
         let mut commits = 0usize;
         let mut uncommitted: Vec<String> = Vec::new();
-        let mut batch: Vec<(String, String, Vec<f32>)> = Vec::with_capacity(opts.batch_size);
-        let mut flush = |batch: &mut Vec<(String, String, Vec<f32>)>,
+        // device batches never mix pixel sizes: one open batch per size (one in a square run, one per
+        // bucket met so far in a multi-scale run); a size whose batch is full is encoded at once, the others
+        // when the run needs its rows committed
+        let mut batches: OpenBatches = BTreeMap::new();
+        let mut flush = |batches: &mut OpenBatches,
+                         only: Option<PixelSize>,
                          writer: &mut StoreWriter,
                          report: &mut PrepReport,
                          force_commit: bool|
          -> Result<()> {
-            if !batch.is_empty() {
+            let sizes: Vec<PixelSize> = match only {
+                Some(size) => vec![size],
+                None => batches.keys().copied().collect(),
+            };
+            for size in sizes {
+                let Some(batch) = batches.remove(&size).filter(|b| !b.is_empty()) else {
+                    continue;
+                };
                 let n = batch.len();
-                for row in encode_batch(&enc, opts, std::mem::take(batch))? {
+                for row in encode_batch(&enc, opts, batch, size)? {
                     uncommitted.push(row.id.clone());
                     writer.push(row);
                 }
@@ -637,10 +771,26 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
                     id,
                     caption,
                     pixels,
+                    size,
                 }) => {
+                    let batch = batches
+                        .entry(size)
+                        .or_insert_with(|| Vec::with_capacity(opts.batch_size));
                     batch.push((id, caption, pixels));
-                    if batch.len() == opts.batch_size {
-                        if let Err(e) = flush(&mut batch, &mut writer, &mut report, false) {
+                    // a full batch goes at once; so does the fullest one when many buckets hold rows back
+                    // (bounds the decoded pixels held: 40 buckets of 1024² images would be GBs)
+                    let held: usize = batches.values().map(Vec::len).sum();
+                    let ready = if batches[&size].len() == opts.batch_size {
+                        Some(size)
+                    } else if held > 2 * opts.batch_size {
+                        batches.iter().max_by_key(|(_, b)| b.len()).map(|(s, _)| *s)
+                    } else {
+                        None
+                    };
+                    if let Some(ready) = ready {
+                        if let Err(e) =
+                            flush(&mut batches, Some(ready), &mut writer, &mut report, false)
+                        {
                             outcome = Err(e);
                             break;
                         }
@@ -661,10 +811,10 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
             // Rows held back (a batch smaller than --batch_size, a commit smaller than --commit_every) may be all
             // that is left of a part while the reader waits for another worker's part: commit them rather than
             // hold the part open (two workers could otherwise wait on each other forever).
-            if dec_rx.is_empty() && (!batch.is_empty() || writer.pending_len() > 0) {
+            if dec_rx.is_empty() && (!batches.is_empty() || writer.pending_len() > 0) {
                 let all_sent = todo.lock().expect("todo lock").values().all(|e| e.sent);
                 if all_sent {
-                    if let Err(e) = flush(&mut batch, &mut writer, &mut report, true) {
+                    if let Err(e) = flush(&mut batches, None, &mut writer, &mut report, true) {
                         outcome = Err(e);
                         break;
                     }
@@ -673,7 +823,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
         }
         drop(dec_rx);
         if outcome.is_ok() {
-            outcome = flush(&mut batch, &mut writer, &mut report, true);
+            outcome = flush(&mut batches, None, &mut writer, &mut report, true);
         }
         decoders
             .join()

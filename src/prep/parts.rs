@@ -20,8 +20,8 @@
 //! `--distinct_shard_ids`; unchanged shards keep their `<name>#<row>` ids.
 
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::{Read as _, Seek, SeekFrom};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use super::source::Shard;
 use crate::error::{Error, Result};
+use crate::store::location::{Files, Read};
 
 /// The folder inside the store that holds leases and shard identities.
 pub const SPRINT_DIR: &str = "_sprint";
@@ -240,9 +241,11 @@ pub enum Acquired {
     Held(LeaseInfo),
 }
 
-/// This worker's leases in one store: acquisition, renewal by a heartbeat thread, completion.
+/// This worker's leases in one store: acquisition, renewal by a heartbeat thread, completion. The lease files
+/// live in `_sprint/leases/` of the store, on a local folder or an object store (see [`Files`] for how each
+/// write is made atomic there).
 pub struct Leases {
-    dir: PathBuf,
+    files: Files,
     owner: String,
     worker: String,
     ttl: Duration,
@@ -251,16 +254,20 @@ pub struct Leases {
     stop: Arc<AtomicBool>,
 }
 
+const LEASES: &str = "_sprint/leases";
+
+fn lease_rel(key: &str) -> String {
+    format!("{LEASES}/{}.json", file_stem(key))
+}
+
 impl Leases {
-    /// The lease folder of the store at `store` (created), for `worker` with leases of `ttl`.
+    /// The leases of the store at `store` (a folder or a URI), for `worker` with leases of `ttl`.
     pub fn new(store: &Path, worker: Worker, ttl: Duration) -> Result<Leases> {
-        let dir = store.join(SPRINT_DIR).join("leases");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // unique per Leases, also within one process (the tests run several)
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let nonce = (now_ms() << 16) | (SEQ.fetch_add(1, Ordering::SeqCst) & 0xffff);
         Ok(Leases {
-            dir,
+            files: Files::of_store(store)?,
             owner: format!("{}:{}:{nonce:x}", host_name(), std::process::id()),
             worker: format!("worker {}/{}", worker.index + 1, worker.count),
             ttl,
@@ -270,45 +277,22 @@ impl Leases {
         })
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("{}.json", file_stem(key)))
+    /// The lease at `rel` and how it was read, or `None` when there is none.
+    fn read(files: &Files, rel: &str) -> Result<Option<(LeaseInfo, Read)>> {
+        let Some(read) = files.get(rel)? else {
+            return Ok(None);
+        };
+        let info = serde_json::from_slice(&read.bytes).map_err(|e| {
+            Error::store(
+                files.display(rel),
+                format!("unreadable lease file ({e}); delete it"),
+            )
+        })?;
+        Ok(Some((info, read)))
     }
 
-    fn read(path: &Path) -> Result<Option<LeaseInfo>> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| Error::store(path, format!("unreadable lease file ({e}); delete it"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(path, e)),
-        }
-    }
-
-    /// Writes `info` to a temporary file next to the lease; returns its path.
-    fn write_tmp(&self, info: &LeaseInfo) -> Result<PathBuf> {
-        let tmp = self.dir.join(format!(
-            ".{}.{}.tmp",
-            file_stem(&info.part),
-            self.owner.replace(':', "_")
-        ));
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(serde_json::to_string_pretty(info)?.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
-        Ok(tmp)
-    }
-
-    /// Creates the lease file only if no lease exists (atomic: link fails on an existing name).
-    fn create(&self, info: &LeaseInfo) -> Result<bool> {
-        let tmp = self.write_tmp(info)?;
-        let path = self.path(&info.part);
-        let made = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
-        match made {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(Error::io(&path, e)),
-        }
+    fn json(info: &LeaseInfo) -> Result<Vec<u8>> {
+        Ok(serde_json::to_vec_pretty(info)?)
     }
 
     fn fresh(&self, part: &Part, rows_todo: usize) -> LeaseInfo {
@@ -328,14 +312,14 @@ impl Leases {
 
     /// Tries to make `part` ours (`rows_todo`: its rows not stored yet, for progress).
     pub fn try_acquire(&self, part: &Part, rows_todo: usize) -> Result<Acquired> {
-        let path = self.path(&part.key);
+        let rel = lease_rel(&part.key);
         for _ in 0..4 {
             let info = self.fresh(part, rows_todo);
-            if self.create(&info)? {
+            if self.files.create(&rel, &Self::json(&info)?)? {
                 self.held.lock().expect("lease lock").push(info);
                 return Ok(Acquired::Ours { taken_over: false });
             }
-            let Some(current) = Self::read(&path)? else {
+            let Some((current, read)) = Self::read(&self.files, &rel)? else {
                 continue; // released or being taken over right now: try again
             };
             match current.state {
@@ -343,36 +327,19 @@ impl Leases {
                 LeaseState::Running if !current.abandoned() => return Ok(Acquired::Held(current)),
                 LeaseState::Running => {}
             }
-            // expired: move it away (one worker's rename wins), check it really was the expired one, take over
-            let stale = self.dir.join(format!(
-                ".{}.stale.{}",
-                file_stem(&part.key),
-                self.owner.replace(':', "_")
-            ));
-            match std::fs::rename(&path, &stale) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(&path, e)),
-            }
-            let moved = Self::read(&stale)?;
-            if moved.as_ref().is_some_and(|m| !m.abandoned()) {
-                // renewed between our read and our rename: put it back (unless a new lease appeared) and wait
-                let _ = std::fs::hard_link(&stale, &path);
-                let _ = std::fs::remove_file(&stale);
-                return Ok(Acquired::Held(moved.expect("checked")));
-            }
-            let _ = std::fs::remove_file(&stale);
+            // abandoned: replace it, if it is still the one read (one of several racing workers wins; a renewal
+            // in between makes it fail, and the next round sees the lease held)
             let info = self.fresh(part, rows_todo);
-            if self.create(&info)? {
+            if self.files.take_over(&rel, &Self::json(&info)?, &read)? {
                 self.held.lock().expect("lease lock").push(info);
                 return Ok(Acquired::Ours { taken_over: true });
             }
         }
-        match Self::read(&path)? {
-            Some(current) if current.state == LeaseState::Done => Ok(Acquired::Done(current)),
-            Some(current) => Ok(Acquired::Held(current)),
+        match Self::read(&self.files, &rel)? {
+            Some((current, _)) if current.state == LeaseState::Done => Ok(Acquired::Done(current)),
+            Some((current, _)) => Ok(Acquired::Held(current)),
             None => Err(Error::store(
-                &path,
+                self.files.display(&rel),
                 "the lease of this part keeps changing hands; is another worker misbehaving?",
             )),
         }
@@ -380,14 +347,12 @@ impl Leases {
 
     /// Rewrites a held lease (renewal, progress, completion); false when it is no longer ours.
     fn rewrite(&self, info: &LeaseInfo) -> Result<bool> {
-        let path = self.path(&info.part);
-        match Self::read(&path)? {
-            Some(current) if current.owner == self.owner => {}
+        let rel = lease_rel(&info.part);
+        let read = match Self::read(&self.files, &rel)? {
+            Some((current, read)) if current.owner == self.owner => read,
             _ => return Ok(false),
-        }
-        let tmp = self.write_tmp(info)?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        Ok(true)
+        };
+        self.files.replace(&rel, &Self::json(info)?, &read)
     }
 
     /// Renews every held lease (the heartbeat); marks the leases lost when one was taken over.
@@ -437,7 +402,7 @@ impl Leases {
     pub fn check_not_lost(&self) -> Result<()> {
         if self.lost.load(Ordering::SeqCst) {
             return Err(Error::store(
-                &self.dir,
+                self.files.display(LEASES),
                 format!(
                     "another worker took over a part leased by this one ({}): this worker stalled for longer \
                      than --lease_seconds ({} s). Stopping so that no row is stored twice; rerun to continue \
@@ -486,16 +451,11 @@ impl Drop for Leases {
 
 /// Every lease file of the store at `store` (for `--inspect`), sorted by part.
 pub fn list_leases(store: &Path) -> Result<Vec<LeaseInfo>> {
-    let dir = store.join(SPRINT_DIR).join("leases");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(Vec::new());
-    };
+    let files = Files::of_store(store)?;
     let mut out = Vec::new();
-    for e in entries {
-        let path = e.map_err(|e| Error::io(&dir, e))?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        if name.is_some_and(|n| n.ends_with(".json") && !n.starts_with('.')) {
-            if let Some(info) = Leases::read(&path)? {
+    for name in files.names(LEASES)? {
+        if name.ends_with(".json") {
+            if let Some((info, _)) = Leases::read(&files, &format!("{LEASES}/{name}"))? {
                 out.push(info);
             }
         }
@@ -547,8 +507,7 @@ pub fn check_shard_identities(
     shards: &[Shard],
     distinct: bool,
 ) -> Result<Vec<Shard>> {
-    let dir = store.join(SPRINT_DIR).join("shards");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let dir = Files::of_store(store)?;
     let mut out = Vec::with_capacity(shards.len());
     let mut names = HashSet::new();
     for shard in shards {
@@ -595,50 +554,45 @@ pub fn check_shard_identities(
     Ok(out)
 }
 
-fn read_identity(dir: &Path, name: &str) -> Result<Option<ShardIdentity>> {
-    let path = dir.join(format!("{}.json", file_stem(name)));
-    match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::store(&path, format!("unreadable shard identity ({e})"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(&path, e)),
+fn identity_rel(name: &str) -> String {
+    format!("{SPRINT_DIR}/shards/{}.json", file_stem(name))
+}
+
+fn read_identity(files: &Files, name: &str) -> Result<Option<ShardIdentity>> {
+    let rel = identity_rel(name);
+    match files.get(&rel)? {
+        Some(read) => serde_json::from_slice(&read.bytes).map(Some).map_err(|e| {
+            Error::store(
+                files.display(&rel),
+                format!("unreadable shard identity ({e})"),
+            )
+        }),
+        None => Ok(None),
     }
 }
 
 /// Records `id` unless a record exists (created atomically; a concurrent worker's equal record is fine, a
 /// different one is refused).
-fn record_identity(dir: &Path, id: &ShardIdentity, shard_path: &Path) -> Result<()> {
-    let path = dir.join(format!("{}.json", file_stem(&id.name)));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_stem(&id.name),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, serde_json::to_string_pretty(id)?).map_err(|e| Error::io(&tmp, e))?;
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            match read_identity(dir, &id.name)? {
-                Some(known) if known == *id => Ok(()),
-                _ => Err(Error::data(
-                    shard_path,
-                    format!(
-                        "another worker recorded a different file under the name {} at the same time",
-                        id.name
-                    ),
-                )),
-            }
-        }
-        Err(e) => Err(Error::io(&path, e)),
+fn record_identity(files: &Files, id: &ShardIdentity, shard_path: &Path) -> Result<()> {
+    if files.create(&identity_rel(&id.name), &serde_json::to_vec_pretty(id)?)? {
+        return Ok(());
+    }
+    match read_identity(files, &id.name)? {
+        Some(known) if known == *id => Ok(()),
+        _ => Err(Error::data(
+            shard_path,
+            format!(
+                "another worker recorded a different file under the name {} at the same time",
+                id.name
+            ),
+        )),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn shard(name: &str, rows: usize) -> Shard {
         Shard {
@@ -732,7 +686,10 @@ mod tests {
         let old = Leases::new(store.path(), Worker::SINGLE, ttl).unwrap();
         let mut info = old.fresh(&part, 4);
         info.owner = format!("{}:{dead_pid}:abc", host_name());
-        assert!(old.create(&info).unwrap());
+        assert!(old
+            .files
+            .create(&lease_rel(&part.key), &Leases::json(&info).unwrap())
+            .unwrap());
         assert!(!info.expired() && info.abandoned());
         let again = Leases::new(store.path(), Worker::SINGLE, ttl).unwrap();
         assert!(matches!(

@@ -98,12 +98,20 @@ impl PrepReport {
 
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
+        if crate::store::location::is_remote(path) {
+            // one PUT: an object is replaced whole, never seen half-written
+            return crate::store::location::write_whole(path, text.as_bytes());
+        }
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 
     pub fn read(path: &Path) -> Result<Self> {
+        if crate::store::location::is_remote(path) {
+            let bytes = crate::store::location::read_whole(path)?;
+            return Ok(serde_json::from_slice(&bytes)?);
+        }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Ok(serde_json::from_str(&text)?)
     }

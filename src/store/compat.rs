@@ -161,7 +161,15 @@ impl StoreConfig {
     /// The settings that must agree for two runs to write into one store; returns the first difference.
     pub fn incompatibility(&self, other: &StoreConfig) -> Option<String> {
         let (p, q) = (&self.preprocess, &other.preprocess);
-        let pairs: [(&str, String, String); 13] = [
+        let buckets = |c: &StoreConfig| {
+            c.multi_scale
+                .as_ref()
+                .map_or("off (square)".to_string(), |m| {
+                    format!("the {} px aspect-ratio table ({})", m.table, m.filter)
+                })
+        };
+        let pairs: [(&str, String, String); 14] = [
+            ("multi_scale", buckets(self), buckets(other)),
             (
                 "format_version",
                 self.format_version.to_string(),

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use super::schema::StoreDType;
 use crate::error::{Error, Result};
 
+/// The format of square stores (every latent `latent_shape`).
 pub const FORMAT_VERSION: u32 = 1;
+/// The format of aspect-ratio-bucketed stores (`multi_scale` present; rows differ in `latent_shape`).
+pub const FORMAT_VERSION_MULTI_SCALE: u32 = 2;
 /// Schema-metadata key holding the JSON settings of the store.
 pub const CONFIG_KEY: &str = "sprint.config";
 
@@ -35,6 +38,28 @@ pub struct PreprocessInfo {
     pub mixed_precision: String,
 }
 
+/// One aspect-ratio bucket of a multi-scale store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketInfo {
+    /// The table's key (height / width, as written in the table: "0.57").
+    pub key: String,
+    pub height: u32,
+    pub width: u32,
+    /// `[C, H, W]` of the latents of this bucket.
+    pub latent_shape: [usize; 3],
+}
+
+/// How a multi-scale store buckets its images (`sprint-prep --multi_scale`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultiScaleInfo {
+    /// The resolution of the aspect-ratio table (512, 1024, 2048).
+    pub table: u32,
+    /// The resampling filter of the transform ("bicubic", "lanczos").
+    pub filter: String,
+    /// Every bucket of the table, in table order (rows use a subset).
+    pub buckets: Vec<BucketInfo>,
+}
+
 /// The `sprint.config` metadata (STORE.md "Schema metadata"); extra fields are allowed by the contract.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoreConfig {
@@ -50,10 +75,13 @@ pub struct StoreConfig {
     pub negative_prompt_embeds_f32le_b64: String,
     pub models: ModelsInfo,
     pub preprocess: PreprocessInfo,
-    /// `[C, H, W]` of every latent (extra field).
+    /// `[C, H, W]` of every latent (extra field); in a multi-scale store, of the square bucket's.
     pub latent_shape: [usize; 3],
     /// The program that wrote the store (extra field).
     pub writer: String,
+    /// The aspect-ratio buckets of a multi-scale store (format_version 2); absent in square stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_scale: Option<MultiScaleInfo>,
 }
 
 impl StoreConfig {
@@ -96,14 +124,32 @@ pub(super) fn read_config(path: &Path, ds: &Dataset) -> Result<StoreConfig> {
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| Error::store(path, format!("\"{CONFIG_KEY}\" is not valid JSON: {e}")))?;
     let version = value.get("format_version").and_then(|v| v.as_u64());
-    if version != Some(FORMAT_VERSION as u64) {
+    if !matches!(version, Some(v) if v == FORMAT_VERSION as u64 || v == FORMAT_VERSION_MULTI_SCALE as u64)
+    {
         return Err(Error::store(
             path,
             format!(
-                "format_version {version:?} is not supported (this build reads version {FORMAT_VERSION}); use a matching sana-sprint version"
+                "format_version {version:?} is not supported (this build reads versions {FORMAT_VERSION} and \
+                 {FORMAT_VERSION_MULTI_SCALE}); use a matching sana-sprint version"
             ),
         ));
     }
-    serde_json::from_value(value)
-        .map_err(|e| Error::store(path, format!("\"{CONFIG_KEY}\" is malformed: {e}")))
+    let config: StoreConfig = serde_json::from_value(value)
+        .map_err(|e| Error::store(path, format!("\"{CONFIG_KEY}\" is malformed: {e}")))?;
+    let bucketed = config.format_version == FORMAT_VERSION_MULTI_SCALE;
+    if bucketed != config.multi_scale.is_some() {
+        return Err(Error::store(
+            path,
+            format!(
+                "\"{CONFIG_KEY}\" is malformed: format_version {} {} a \"multi_scale\" entry",
+                config.format_version,
+                if bucketed {
+                    "requires"
+                } else {
+                    "does not allow"
+                }
+            ),
+        ));
+    }
+    Ok(config)
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use arrow_array::{Int32Array, RecordBatch};
+use arrow_array::{Array, Int32Array, RecordBatch};
 use futures::TryStreamExt;
 
 use super::reader::{column, LatentStore};
@@ -42,8 +42,40 @@ pub fn describe(store: &LatentStore) -> Result<BTreeMap<&'static str, serde_json
             serde_json::json!((mean_len * 10.0).round() / 10.0),
         );
     }
+    if c.multi_scale.is_some() {
+        let hist: Vec<serde_json::Value> = bucket_histogram(store)?
+            .into_iter()
+            .map(|(shape, n)| serde_json::json!({"latent_shape": shape, "rows": n}))
+            .collect();
+        out.insert("buckets", serde_json::json!(hist));
+    }
     out.insert("config", serde_json::to_value(c)?);
     Ok(out)
+}
+
+/// Rows per latent shape (`[C, H, W]`), in shape order: the bucket histogram of a multi-scale store (one entry
+/// in a square one). Read from the `latent_shape` column, so it is right whatever wrote the rows.
+pub fn bucket_histogram(store: &LatentStore) -> Result<Vec<([i32; 3], usize)>> {
+    let batches: Vec<RecordBatch> = store.runtime().block_on(async {
+        let mut scan = store.dataset().scan();
+        scan.project(&[columns::LATENT_SHAPE])?;
+        scan.try_into_stream().await?.try_collect().await
+    })?;
+    let mut counts: BTreeMap<[i32; 3], usize> = BTreeMap::new();
+    for b in &batches {
+        let shapes =
+            column::<arrow_array::FixedSizeListArray>(store.path(), b, columns::LATENT_SHAPE)?;
+        for i in 0..shapes.len() {
+            let row = shapes.value(i);
+            let v = row.as_any().downcast_ref::<Int32Array>().ok_or_else(|| {
+                crate::error::Error::store(store.path(), "latent_shape does not hold int32 values")
+            })?;
+            *counts
+                .entry([v.value(0), v.value(1), v.value(2)])
+                .or_default() += 1;
+        }
+    }
+    Ok(counts.into_iter().collect())
 }
 
 fn mean_prompt_len(store: &LatentStore) -> Result<f64> {

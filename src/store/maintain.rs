@@ -32,7 +32,6 @@ use lance::dataset::{CommitBuilder, Dataset};
 use serde::Serialize;
 
 use super::config::read_config;
-use super::reader::dir_size;
 use super::schema::columns;
 use super::{runtime_with, uri};
 use crate::error::{Error, Result};
@@ -92,7 +91,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Opens the store at `path`, refusing anything that is not a sana-sprint latent store.
 fn open(rt: &tokio::runtime::Runtime, path: &Path) -> Result<Dataset> {
-    if !path.join("_versions").is_dir() {
+    if !super::location::store_exists(path)? {
         return Err(Error::Missing {
             what: "latent store".into(),
             path: path.to_path_buf(),
@@ -305,7 +304,7 @@ pub fn compact(path: &Path) -> Result<CompactReport> {
     let version_before = ds.version().version;
     let fragments_before = ds.count_fragments();
     let rows = rt.block_on(ds.count_rows(None))?;
-    let bytes_before = dir_size(path);
+    let bytes_before = super::location::store_bytes(path)?;
     rt.block_on(compact_files(&mut ds, compaction_options(), None))
         .map_err(|e| commit_error(path, "compacting", e))?;
     let rows_after = rt.block_on(ds.count_rows(None))?;
@@ -333,7 +332,7 @@ pub fn compact(path: &Path) -> Result<CompactReport> {
         fragments_after: ds.count_fragments(),
         rows: rows_after,
         bytes_before,
-        bytes_after: dir_size(path),
+        bytes_after: super::location::store_bytes(path)?,
         version_before,
         version_after: ds.version().version,
         old_versions_removed: removed.old_versions,

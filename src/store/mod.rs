@@ -7,7 +7,10 @@
 //! * [`config`]: the `sprint.config` metadata ([`StoreConfig`]);
 //! * [`writer`]: [`StoreWriter`]; [`reader`]: [`LatentStore`], [`RowReader`];
 //! * [`inspect`]: the `--inspect` summary; [`compat`]: does a store fit a prep run or a teacher;
-//! * [`maintain`]: `--dedupe` (remove duplicate ids) and `--compact` (merge fragments, drop old versions).
+//! * [`maintain`]: `--dedupe` (remove duplicate ids) and `--compact` (merge fragments, drop old versions);
+//! * [`location`]: a local folder or an object-store URI (`s3://…`), and the `_sprint/` files on either.
+//!
+//! Every function taking a store `&Path` accepts a URI there too (`Path::new("s3://bucket/x.lance")`).
 
 use std::path::Path;
 
@@ -17,17 +20,22 @@ pub mod compat; // does a store fit a prep run, a teacher folder: settings, fing
 pub mod config;
 mod f16;
 pub mod inspect;
+pub mod location; // local folder or object-store URI; `_sprint/` files on either
 pub mod maintain;
 pub mod reader;
 pub mod schema;
 pub mod writer;
 
-pub use config::{ModelInfo, ModelsInfo, PreprocessInfo, StoreConfig, CONFIG_KEY, FORMAT_VERSION};
+pub use config::{
+    BucketInfo, ModelInfo, ModelsInfo, MultiScaleInfo, PreprocessInfo, StoreConfig, CONFIG_KEY,
+    FORMAT_VERSION, FORMAT_VERSION_MULTI_SCALE,
+};
 pub use inspect::describe;
 pub use reader::{FloatValues, LatentStore, RowReader, StoredRow};
 pub use schema::{columns, schema, FloatEncoding, LatentRow, StoreDType};
 pub use writer::{OpenMode, StoreWriter};
 
+/// What Lance is given for a store: the path as written, or the URI (`s3://bucket/x.lance`).
 fn uri(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }

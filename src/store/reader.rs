@@ -36,7 +36,7 @@ pub struct LatentStore {
 
 impl LatentStore {
     pub fn open(path: &Path) -> Result<Self> {
-        if !path.join("_versions").is_dir() {
+        if !super::location::store_exists(path)? {
             return Err(Error::Missing {
                 what: "latent store".into(),
                 path: path.to_path_buf(),
@@ -134,24 +134,19 @@ impl LatentStore {
         ))
     }
 
-    /// Total bytes of the store's files on disk.
-    pub fn disk_bytes(&self) -> u64 {
-        dir_size(&self.path)
+    /// Whether the store is on an object store (`s3://…`) rather than a local folder.
+    pub fn is_remote(&self) -> bool {
+        super::location::is_remote(&self.path)
     }
-}
 
-pub(super) fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
+    /// Total bytes of the store's files on disk (on an object store: of the objects under its URI; 0 when
+    /// they cannot be listed).
+    pub fn disk_bytes(&self) -> u64 {
+        super::location::store_bytes(&self.path).unwrap_or_else(|e| {
+            tracing::warn!("sizing the store: {e}");
+            0
         })
-        .unwrap_or(0)
+    }
 }
 
 pub(super) fn column<'a, T: 'static>(path: &Path, b: &'a RecordBatch, name: &str) -> Result<&'a T> {

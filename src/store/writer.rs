@@ -96,7 +96,7 @@ impl StoreWriter {
     ) -> Result<Self> {
         let rt = runtime()?;
         let schema = schema(&config, encoding)?;
-        let exists = path.join("_versions").is_dir();
+        let exists = super::location::store_exists(path)?;
         let create = |write_mode: WriteMode| -> Result<Dataset> {
             let empty = RecordBatchIterator::new(
                 std::iter::empty::<Result<RecordBatch, _>>(),
@@ -115,7 +115,7 @@ impl StoreWriter {
         let created = if !exists {
             if creation_lock(path)? {
                 let ds = create(WriteMode::Create);
-                let _ = std::fs::remove_file(path.join(CREATING));
+                remove_creation_marker(path);
                 Some(ds?)
             } else {
                 None
@@ -134,7 +134,7 @@ impl StoreWriter {
                 match rt.block_on(Dataset::open(&uri(path))) {
                     Ok(ds) => break ds,
                     Err(_)
-                        if path.join(CREATING).exists()
+                        if creation_marker_exists(path)
                             && waited.elapsed() < std::time::Duration::from_secs(120) =>
                     {
                         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -226,6 +226,9 @@ const CREATING: &str = "_sprint/creating";
 /// Takes the right to create the store at `path`: true for exactly one of several racing workers. A marker left
 /// by a creator that died before committing (older than a minute, and still no store) is replaced.
 fn creation_lock(path: &Path) -> Result<bool> {
+    if let Some(remote) = super::location::remote(path)? {
+        return creation_lock_remote(&remote);
+    }
     let marker = path.join(CREATING);
     let dir = marker.parent().expect("has a parent");
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -253,6 +256,50 @@ fn creation_lock(path: &Path) -> Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// [`creation_lock`] on an object store: the marker is created with a conditional put (`If-None-Match`); a
+/// marker older than a minute with still no store is deleted and the race run again.
+fn creation_lock_remote(remote: &super::location::Remote) -> Result<bool> {
+    for _ in 0..2 {
+        if remote.create(CREATING, b"creating".to_vec())? {
+            return Ok(true);
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let old = remote
+            .get(CREATING)?
+            .is_some_and(|m| now_ms - m.modified_unix_ms > 60_000);
+        if old && !remote.any_under("_versions")? {
+            remote.delete(CREATING)?;
+            continue;
+        }
+        return Ok(false);
+    }
+    Ok(false)
+}
+
+fn remove_creation_marker(path: &Path) {
+    match super::location::remote(path) {
+        Ok(None) => {
+            let _ = std::fs::remove_file(path.join(CREATING));
+        }
+        Ok(Some(remote)) => {
+            if let Err(e) = remote.delete(CREATING) {
+                tracing::warn!("removing the store's creation marker: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("removing the store's creation marker: {e}"),
+    }
+}
+
+fn creation_marker_exists(path: &Path) -> bool {
+    match super::location::remote(path) {
+        Ok(None) => path.join(CREATING).exists(),
+        Ok(Some(remote)) => remote.get(CREATING).ok().flatten().is_some(),
+        Err(_) => false,
+    }
 }
 
 /// The ids stored at `path` now (a worker taking over another's part re-reads them).

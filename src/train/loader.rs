@@ -335,6 +335,17 @@ impl StoreLoader {
                 "rank {rank} of a world of {world} processes"
             )));
         }
+        if let Some(ms) = &store.config().multi_scale {
+            return Err(Error::store(
+                store.path(),
+                format!(
+                    "this store holds aspect-ratio buckets (sprint-prep --multi_scale, the {} px table): training \
+                     on bucketed stores is not supported yet; prepare a square store (without --multi_scale) \
+                     to train",
+                    ms.table
+                ),
+            ));
+        }
         let rows = store.len()?;
         let global = opts.batch_size * world;
         let per_epoch = batches_per_epoch(rows, global, opts.drop_last);
@@ -356,9 +367,15 @@ impl StoreLoader {
         // Enough rows in flight to keep every core decoding, plus one batch so that cores freed by a batch's
         // last rows start the next one; more would only cost memory. The rest of the prefetch depth waits
         // finished in the channel.
+        // On an object store a read waits on the network, not on a core: every prefetched batch is read at
+        // once.
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let prefetch = opts.prefetch.max(1);
-        let in_flight = ((2 * cores).div_ceil(opts.batch_size) + 1).clamp(1, prefetch);
+        let in_flight = if store.is_remote() {
+            prefetch
+        } else {
+            ((2 * cores).div_ceil(opts.batch_size) + 1).clamp(1, prefetch)
+        };
         let (tx, rx) = bounded((prefetch - in_flight).max(1));
         let (opts, path): (LoaderOptions, PathBuf) = (opts.clone(), store.path().to_path_buf());
         let worker_config = Arc::new(config.clone());

@@ -105,3 +105,43 @@ pub fn assert_max_abs(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     println!("{what}: max abs {abs:.3e}");
     assert!(abs <= tol, "{what}: max abs error {abs:.3e} > {tol:.1e}");
 }
+
+/// The settings of a small synthetic store (64², latents [2, 2, 2] f32, prompts of up to `max_len` tokens of
+/// width `d` in f32) with the given unconditional embedding (`negative.len()` is a multiple of `d`).
+pub fn small_store_config(
+    d: usize,
+    max_len: usize,
+    negative: &[f32],
+) -> sana_sprint::store::StoreConfig {
+    use sana_sprint::store::{ModelInfo, ModelsInfo, PreprocessInfo, StoreConfig, StoreDType};
+    let m = |n: &str| ModelInfo {
+        origin: format!("test/{n}"),
+        fingerprint: format!("sha256:{n}"),
+    };
+    StoreConfig {
+        format_version: 1,
+        resolution: 64,
+        max_sequence_length: max_len,
+        complex_human_instruction: None,
+        vae_scaling_factor: 0.41407,
+        text_hidden_size: d,
+        latent_dtype: StoreDType::Float32,
+        embed_dtype: StoreDType::Float32,
+        negative_prompt_len: negative.len() / d,
+        negative_prompt_embeds_f32le_b64: StoreConfig::encode_negative(negative),
+        models: ModelsInfo {
+            vae: m("vae"),
+            text_encoder: m("te"),
+            tokenizer: m("tok"),
+        },
+        preprocess: PreprocessInfo {
+            resize: "r".into(),
+            crop: "c".into(),
+            normalize: "n".into(),
+            mixed_precision: "no".into(),
+        },
+        latent_shape: [2, 2, 2],
+        writer: "test".into(),
+        multi_scale: None,
+    }
+}

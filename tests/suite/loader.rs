@@ -8,8 +8,7 @@ use sana_sprint::hub::HubConfig;
 use sana_sprint::prep::{self, PrepOptions};
 use sana_sprint::store::compat::fingerprint_mismatches;
 use sana_sprint::store::{
-    FloatEncoding, LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo,
-    StoreConfig, StoreDType, StoreWriter,
+    FloatEncoding, LatentRow, LatentStore, OpenMode, StoreConfig, StoreDType, StoreWriter,
 };
 use sana_sprint::train::loader::{
     epoch_permutation, LoaderOptions, LoaderPosition, NegativePrompt, StoreLoader,
@@ -19,37 +18,7 @@ const D: usize = 6;
 const L: usize = 10;
 
 fn config() -> StoreConfig {
-    let m = |n: &str| ModelInfo {
-        origin: format!("test/{n}"),
-        fingerprint: format!("sha256:{n}"),
-    };
-    StoreConfig {
-        format_version: 1,
-        resolution: 64,
-        max_sequence_length: L,
-        complex_human_instruction: None,
-        vae_scaling_factor: 0.41407,
-        text_hidden_size: D,
-        latent_dtype: StoreDType::Float32,
-        embed_dtype: StoreDType::Float32,
-        negative_prompt_len: 2,
-        negative_prompt_embeds_f32le_b64: StoreConfig::encode_negative(
-            &(0..2 * D).map(|v| v as f32).collect::<Vec<_>>(),
-        ),
-        models: ModelsInfo {
-            vae: m("vae"),
-            text_encoder: m("te"),
-            tokenizer: m("tok"),
-        },
-        preprocess: PreprocessInfo {
-            resize: "r".into(),
-            crop: "c".into(),
-            normalize: "n".into(),
-            mixed_precision: "no".into(),
-        },
-        latent_shape: [2, 2, 2],
-        writer: "test".into(),
-    }
+    crate::common::small_store_config(D, L, &(0..2 * D).map(|v| v as f32).collect::<Vec<_>>())
 }
 
 fn row(i: usize) -> LatentRow {
@@ -351,27 +320,33 @@ fn float16_columns_come_back_exactly() {
 
 #[test]
 fn unknown_format_version_is_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let path = make_store(d.path(), 2);
-    let mut cfg: serde_json::Value = serde_json::to_value(config()).unwrap();
-    cfg["format_version"] = serde_json::json!(2);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut ds = lance::dataset::Dataset::open(path.to_str().unwrap())
-            .await
-            .unwrap();
-        ds.update_schema_metadata([("sprint.config".to_string(), Some(cfg.to_string()))])
-            .await
-            .unwrap();
-    });
-    let err = LatentStore::open(&path)
-        .err()
-        .expect("must refuse")
-        .to_string();
-    assert!(
-        err.contains("format_version") && err.contains("not supported"),
-        "{err}"
-    );
+    // 3 is unknown; 2 (aspect-ratio buckets) must come with its `multi_scale` entry
+    for (version, says) in [
+        (3, "not supported"),
+        (2, "requires a \"multi_scale\" entry"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let path = make_store(d.path(), 2);
+        let mut cfg: serde_json::Value = serde_json::to_value(config()).unwrap();
+        cfg["format_version"] = serde_json::json!(version);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut ds = lance::dataset::Dataset::open(path.to_str().unwrap())
+                .await
+                .unwrap();
+            ds.update_schema_metadata([("sprint.config".to_string(), Some(cfg.to_string()))])
+                .await
+                .unwrap();
+        });
+        let err = LatentStore::open(&path)
+            .err()
+            .expect("must refuse")
+            .to_string();
+        assert!(
+            err.contains("format_version") && err.contains(says),
+            "{version}: {err}"
+        );
+    }
 }
 
 #[test]

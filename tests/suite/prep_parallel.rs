@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use sana_sprint::store::{LatentRow, LatentStore};
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The demo shards (3 × 8 rows, some of them bad on purpose) through the tiny pipeline at 64².
-fn prep(out: &Path, shards: &str, extra: &[&str]) -> Command {
+pub fn prep(out: &Path, shards: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sprint-prep"));
     c.args([
         "--pretrained_model_name_or_path",
@@ -42,7 +42,7 @@ fn prep(out: &Path, shards: &str, extra: &[&str]) -> Command {
     c
 }
 
-fn worker(out: &Path, rank: usize, world: usize, extra: &[&str]) -> Command {
+pub fn worker(out: &Path, rank: usize, world: usize, extra: &[&str]) -> Command {
     let mut c = prep(out, "train_*.parquet", extra);
     c.env("RANK", rank.to_string())
         .env("WORLD_SIZE", world.to_string())
@@ -52,7 +52,7 @@ fn worker(out: &Path, rank: usize, world: usize, extra: &[&str]) -> Command {
     c
 }
 
-fn wait_all(children: Vec<Child>) -> Vec<Output> {
+pub fn wait_all(children: Vec<Child>) -> Vec<Output> {
     let started = Instant::now();
     children
         .into_iter()
@@ -68,7 +68,7 @@ fn wait_all(children: Vec<Child>) -> Vec<Output> {
         .collect()
 }
 
-fn text(o: &Output) -> String {
+pub fn text(o: &Output) -> String {
     format!(
         "{}\n{}",
         String::from_utf8_lossy(&o.stdout),
@@ -76,14 +76,14 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn assert_ok(outputs: &[Output]) {
+pub fn assert_ok(outputs: &[Output]) {
     for (i, o) in outputs.iter().enumerate() {
         assert!(o.status.success(), "process {i}: {}", text(o));
     }
 }
 
 /// The store's rows by id; fails on a duplicate id.
-fn rows(store: &Path) -> BTreeMap<String, LatentRow> {
+pub fn rows(store: &Path) -> BTreeMap<String, LatentRow> {
     let all = LatentStore::open(store).unwrap().read_all().unwrap();
     let n = all.len();
     let map: BTreeMap<String, LatentRow> = all.into_iter().map(|r| (r.id.clone(), r)).collect();

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sana_sprint::store::maintain::{self, CompactReport, DedupeReport};
 use sana_sprint::store::{
-    FloatEncoding, LatentRow, LatentStore, ModelInfo, ModelsInfo, OpenMode, PreprocessInfo,
-    StoreConfig, StoreDType, StoreWriter,
+    FloatEncoding, LatentRow, LatentStore, OpenMode, StoreConfig, StoreWriter,
 };
 use sana_sprint::train::loader::{LoaderOptions, LoaderPosition, StoreLoader};
 
@@ -16,35 +15,7 @@ const D: usize = 4;
 const L: usize = 6;
 
 fn config() -> StoreConfig {
-    let m = |n: &str| ModelInfo {
-        origin: format!("test/{n}"),
-        fingerprint: format!("sha256:{n}"),
-    };
-    StoreConfig {
-        format_version: 1,
-        resolution: 64,
-        max_sequence_length: L,
-        complex_human_instruction: None,
-        vae_scaling_factor: 0.41407,
-        text_hidden_size: D,
-        latent_dtype: StoreDType::Float32,
-        embed_dtype: StoreDType::Float32,
-        negative_prompt_len: 1,
-        negative_prompt_embeds_f32le_b64: StoreConfig::encode_negative(&[0.0; D]),
-        models: ModelsInfo {
-            vae: m("vae"),
-            text_encoder: m("te"),
-            tokenizer: m("tok"),
-        },
-        preprocess: PreprocessInfo {
-            resize: "r".into(),
-            crop: "c".into(),
-            normalize: "n".into(),
-            mixed_precision: "no".into(),
-        },
-        latent_shape: [2, 2, 2],
-        writer: "test".into(),
-    }
+    crate::common::small_store_config(D, L, &[0.0; D])
 }
 
 /// Row `i`; `copy` > 0 marks a later copy of the same id with different content (a re-encoded duplicate).

@@ -1,0 +1,234 @@
+//! `s3://` stores end to end against moto's S3 server on loopback (started and stopped here): three prep
+//! workers into one store on the object store, equal row for row to a local single-process store; a rerun
+//! that writes nothing; `--inspect`; compaction; a few training steps reading the S3 store; the store read
+//! from Python with pylance through the same endpoint.
+//!
+//! Needs a Python with `moto[server]` and `pylance` (`scripts/py-env.sh` makes one; `SANA_SPRINT_TEST_PYTHON`
+//! names another). Without one the test fails and says so; `SANA_SPRINT_SKIP_S3=1` skips it on purpose.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::prep_parallel::{assert_ok, prep, root, text, wait_all, worker};
+
+const BUCKET: &str = "sprint-test";
+
+/// The test's Python, if it has moto and pylance.
+fn python() -> Option<PathBuf> {
+    let py = std::env::var_os("SANA_SPRINT_TEST_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/sana-sprint/py-venv/bin/python"))
+        })?;
+    let ok = Command::new(&py)
+        .args(["-c", "import moto.server, lance, boto3"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}
+
+/// moto's S3 server on a free loopback port, with a bucket; stopped on drop.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start(py: &Path) -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(py)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto's server");
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "moto's server did not listen on port {port} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let made = moto
+            .python(py)
+            .args([
+                "-c",
+                &format!(
+                    "import boto3, os; boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])\
+                     .create_bucket(Bucket='{BUCKET}')"
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "creating the bucket: {}",
+            text(&made)
+        );
+        moto
+    }
+
+    /// The standard AWS variables pointing at this server.
+    fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+        c.env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_ALLOW_HTTP", "true")
+    }
+
+    fn python(&self, py: &Path) -> Command {
+        let mut c = Command::new(py);
+        self.env(&mut c);
+        c
+    }
+
+    fn run(&self, mut c: Command) -> Output {
+        self.env(&mut c).output().unwrap()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_s3_store_is_prepared_by_three_workers_inspected_compacted_trained_on_and_read_from_python() {
+    let Some(py) = python() else {
+        if std::env::var("SANA_SPRINT_SKIP_S3").as_deref() == Ok("1") {
+            eprintln!("s3 test SKIPPED on request (SANA_SPRINT_SKIP_S3=1)");
+            return;
+        }
+        panic!(
+            "this test needs a Python with moto[server] and pylance: run scripts/py-env.sh (or point \
+             SANA_SPRINT_TEST_PYTHON at one), or set SANA_SPRINT_SKIP_S3=1 to skip it"
+        );
+    };
+    let moto = Moto::start(&py);
+    let d = tempfile::tempdir().unwrap();
+    let single = d.path().join("single.lance");
+    assert_ok(&[prep(&single, "train_*.parquet", &[]).output().unwrap()]);
+
+    // three workers, torchrun-style, into one store on S3
+    let uri = format!("s3://{BUCKET}/runs/multi.lance");
+    let s3 = Path::new(&uri);
+    let children = (0..3)
+        .map(|r| {
+            let mut c = worker(s3, r, 3, &["--part_rows", "3"]);
+            moto.env(&mut c).spawn().unwrap()
+        })
+        .collect();
+    let outputs = wait_all(children);
+    assert_ok(&outputs);
+    let compare = |what: &str| {
+        let o = moto.run({
+            let mut c = Command::new(&py);
+            c.arg(root().join("tools/compare_stores.py"))
+                .arg(&single)
+                .arg(&uri);
+            c
+        });
+        assert!(o.status.success(), "{what}: {}", text(&o));
+    };
+    compare("3 workers on S3 vs 1 local process");
+
+    // a rerun (one process, same parts) finds every row stored and writes nothing
+    let rerun = moto.run(prep(s3, "train_*.parquet", &["--part_rows", "3"]));
+    assert_ok(std::slice::from_ref(&rerun));
+    assert!(
+        text(&rerun).contains(" 0 encoded, 0 written"),
+        "{}",
+        text(&rerun)
+    );
+    // the per-worker reports were written next to the store, on S3
+    let report = moto.run(prep_inspect(
+        &uri,
+        Some(&format!(
+            "s3://{BUCKET}/runs/multi.worker-2-of-3.report.json"
+        )),
+    ));
+    let shown = text(&report);
+    assert!(report.status.success(), "{shown}");
+    assert!(
+        shown.contains("parts            9 leased, 9 done, 0 running"),
+        "{shown}"
+    );
+    assert!(shown.contains("duplicate ids    none"), "{shown}");
+    assert!(shown.contains("bad rows         "), "{shown}");
+    assert!(!shown.contains("no run report"), "{shown}");
+
+    // compaction keeps every row
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sprint-prep"));
+    c.args(["--compact", &uri]);
+    let compacted = moto.run(c);
+    assert!(compacted.status.success(), "{}", text(&compacted));
+    assert!(
+        text(&compacted).contains("fragments"),
+        "{}",
+        text(&compacted)
+    );
+    compare("after compaction");
+
+    // the README's Python reading, through the same endpoint
+    let o = moto.run({
+        let mut c = Command::new(&py);
+        c.arg(root().join("tools/read_store.py")).arg(&uri);
+        c
+    });
+    assert!(o.status.success(), "{}", text(&o));
+
+    // a few training steps reading the S3 store
+    let train_dir = d.path().join("train");
+    let mut t = Command::new(env!("CARGO_BIN_EXE_sprint-train"));
+    t.args([
+        "--demo",
+        "--latents",
+        &uri,
+        "--output_dir",
+        train_dir.to_str().unwrap(),
+        "--max_train_steps",
+        "2",
+        "--no_progress",
+    ])
+    .env("HF_HUB_OFFLINE", "1");
+    let trained = moto.run(t);
+    assert!(trained.status.success(), "{}", text(&trained));
+    assert!(
+        train_dir
+            .join("transformer/diffusion_pytorch_model.safetensors")
+            .is_file(),
+        "{}",
+        text(&trained)
+    );
+}
+
+fn prep_inspect(uri: &str, report: Option<&str>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sprint-prep"));
+    c.args(["--inspect", uri]);
+    if let Some(r) = report {
+        c.args(["--report", r]);
+    }
+    c
+}
