@@ -7,20 +7,11 @@ Same ids (each once), captions, shapes and prompt lengths; latents and prompt em
 given relative tolerances (|a - b| <= tol * max(|b|, 1)). Exits non-zero with the first difference.
 """
 import argparse
-import os
 import sys
 
 import lance
+from lance_s3 import storage_options  # tools/lance_s3.py
 import numpy as np
-
-
-def storage_options(path):
-    """The AWS_* variables as Lance storage options, for s3:// URIs (explicit, whatever pylance reads itself)."""
-    if not path.startswith("s3://"):
-        return None
-    names = {"AWS_ENDPOINT_URL": "aws_endpoint", "AWS_REGION": "aws_region", "AWS_ALLOW_HTTP": "allow_http",
-             "AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key"}
-    return {opt: os.environ[var] for var, opt in names.items() if var in os.environ} or None
 
 
 def rows(path):

@@ -5,23 +5,14 @@ Exits non-zero with a message if anything in the contract does not hold.
 """
 import base64
 import json
-import os
 import sys
 
 import lance
+from lance_s3 import storage_options  # tools/lance_s3.py
 import numpy as np
 import pyarrow as pa
 
 path = sys.argv[1]
-
-
-def storage_options(path):
-    """The AWS_* variables as Lance storage options, for s3:// URIs."""
-    if not path.startswith("s3://"):
-        return None
-    names = {"AWS_ENDPOINT_URL": "aws_endpoint", "AWS_REGION": "aws_region", "AWS_ALLOW_HTTP": "allow_http",
-             "AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key"}
-    return {opt: os.environ[var] for var, opt in names.items() if var in os.environ} or None
 
 
 # --- the README snippet -------------------------------------------------------------------------
@@ -58,13 +49,20 @@ for key in ["format_version", "resolution", "max_sequence_length", "complex_huma
             "text_hidden_size", "latent_dtype", "embed_dtype", "negative_prompt_len",
             "negative_prompt_embeds_f32le_b64", "models", "preprocess"]:
     check(key in cfg, f"sprint.config has {key}")
-check(cfg["format_version"] == 1, "format_version 1")
+check(cfg["format_version"] in (1, 2), "format_version 1 (square) or 2 (aspect-ratio buckets)")
+if cfg["format_version"] == 2:
+    buckets = cfg.get("multi_scale", {}).get("buckets", [])
+    check(buckets, "format 2 has multi_scale.buckets")
+    shapes = {tuple(b["latent_shape"]) for b in buckets}
+else:
+    shapes = {tuple(cfg["latent_shape"])} if "latent_shape" in cfg else None
 table = ds.to_table()
 ids = table.column("id").to_pylist()
 check(len(ids) == len(set(ids)), "ids unique")
 check(all("#" in i and "/" not in i for i in ids), "ids are <file name>#<row>")
 for r in table.to_pylist():
     check(len(r["latent"]) == int(np.prod(r["latent_shape"])), "latent length = C*H*W")
+    check(shapes is None or tuple(r["latent_shape"]) in shapes, "latent_shape is the store's (a bucket's)")
     check(len(r["prompt_embeds"]) == r["prompt_len"] * cfg["text_hidden_size"], "prompt_embeds = prompt_len*D")
 check(np.isfinite(latent).all() and np.isfinite(emb).all() and np.isfinite(neg).all(), "finite values")
 print(f"OK: {ds.count_rows()} rows, latent {latent.shape}, prompt_embeds {emb.shape}, negative {neg.shape}, "

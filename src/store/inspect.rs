@@ -56,12 +56,21 @@ pub fn describe(store: &LatentStore) -> Result<BTreeMap<&'static str, serde_json
 /// Rows per latent shape (`[C, H, W]`), in shape order: the bucket histogram of a multi-scale store (one entry
 /// in a square one). Read from the `latent_shape` column, so it is right whatever wrote the rows.
 pub fn bucket_histogram(store: &LatentStore) -> Result<Vec<([i32; 3], usize)>> {
+    Ok(rows_by_shape(store)?
+        .into_iter()
+        .map(|(shape, rows)| (shape, rows.len()))
+        .collect())
+}
+
+/// The row offsets (as `take` addresses rows) of each latent shape, in shape order, offsets ascending.
+pub fn rows_by_shape(store: &LatentStore) -> Result<Vec<([i32; 3], Vec<u64>)>> {
     let batches: Vec<RecordBatch> = store.runtime().block_on(async {
         let mut scan = store.dataset().scan();
         scan.project(&[columns::LATENT_SHAPE])?;
         scan.try_into_stream().await?.try_collect().await
     })?;
-    let mut counts: BTreeMap<[i32; 3], usize> = BTreeMap::new();
+    let mut rows: BTreeMap<[i32; 3], Vec<u64>> = BTreeMap::new();
+    let mut offset = 0u64;
     for b in &batches {
         let shapes =
             column::<arrow_array::FixedSizeListArray>(store.path(), b, columns::LATENT_SHAPE)?;
@@ -70,12 +79,13 @@ pub fn bucket_histogram(store: &LatentStore) -> Result<Vec<([i32; 3], usize)>> {
             let v = row.as_any().downcast_ref::<Int32Array>().ok_or_else(|| {
                 crate::error::Error::store(store.path(), "latent_shape does not hold int32 values")
             })?;
-            *counts
-                .entry([v.value(0), v.value(1), v.value(2)])
-                .or_default() += 1;
+            rows.entry([v.value(0), v.value(1), v.value(2)])
+                .or_default()
+                .push(offset);
+            offset += 1;
         }
     }
-    Ok(counts.into_iter().collect())
+    Ok(rows.into_iter().collect())
 }
 
 fn mean_prompt_len(store: &LatentStore) -> Result<f64> {

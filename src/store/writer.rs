@@ -204,13 +204,38 @@ impl StoreWriter {
         let rows = std::mem::take(&mut self.pending);
         let n = rows.len();
         let batch = to_batch(&self.schema, rows)?;
-        let reader = RecordBatchIterator::new(vec![Ok(batch)], self.schema.clone());
-        let params = WriteParams {
-            mode: WriteMode::Append,
-            ..Default::default()
-        };
-        self.rt
-            .block_on(self.dataset.append(reader, Some(params)))?;
+        // Lance rebases an append on the commits of other writers by itself (its own retries); under heavy
+        // contention (many workers committing at once) it can still give up: try again after a jittered pause.
+        // A failed commit references none of the files it wrote, so a retry cannot store a row twice.
+        let mut attempt = 0u32;
+        loop {
+            let reader = RecordBatchIterator::new(vec![Ok(batch.clone())], self.schema.clone());
+            let params = WriteParams {
+                mode: WriteMode::Append,
+                ..Default::default()
+            };
+            match self.rt.block_on(self.dataset.append(reader, Some(params))) {
+                Ok(()) => break,
+                Err(
+                    e @ (lance::Error::CommitConflict { .. }
+                    | lance::Error::RetryableCommitConflict { .. }
+                    | lance::Error::TooMuchWriteContention { .. }),
+                ) if attempt < COMMIT_RETRIES => {
+                    attempt += 1;
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos());
+                    let pause = 200 * 2u64.pow(attempt) + u64::from(nanos % 500);
+                    tracing::warn!(
+                        "commit of {n} rows to {} failed ({e}); retrying in {pause} ms ({attempt}/{COMMIT_RETRIES})",
+                        self.path.display()
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(pause));
+                    self.rt.block_on(self.dataset.checkout_latest())?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.rows_written += n;
         Ok(n)
     }
@@ -219,6 +244,9 @@ impl StoreWriter {
         &self.path
     }
 }
+
+/// Commits retried after Lance gave up on contention with other writers.
+const COMMIT_RETRIES: u32 = 5;
 
 /// Marker of a store being created by one worker (inside the store folder).
 const CREATING: &str = "_sprint/creating";

@@ -156,7 +156,24 @@ pub fn assemble_stored(
     position: LoaderPosition,
 ) -> Result<TrainBatch> {
     let (l, d) = (config.max_sequence_length, config.text_hidden_size);
-    let shape = config.latent_shape;
+    // a square store: the config's shape; a bucketed one: the first row's bucket, which every row of the batch
+    // must share (the sampler never mixes buckets)
+    let shape = match (&config.multi_scale, rows.first()) {
+        (Some(ms), Some(first)) => {
+            let s = first.latent_shape.map(|v| v as usize);
+            if !ms.buckets.iter().any(|b| b.latent_shape == s) {
+                return Err(Error::store(
+                    "",
+                    format!(
+                        "row {} has latent_shape {s:?}, which is no bucket of the store's table",
+                        first.id
+                    ),
+                ));
+            }
+            s
+        }
+        _ => config.latent_shape,
+    };
     let numel: usize = shape.iter().product();
     let scale = config.vae_scaling_factor as f32 * sigma_data;
     let b = rows.len();
@@ -236,9 +253,38 @@ impl NegativePrompt {
     }
 }
 
+/// The global batches of one epoch of a bucketed store: each bucket's rows shuffled by (seed, epoch, bucket) and
+/// cut into batches of `global` rows (its incomplete tail dropped), then the batches of every bucket shuffled
+/// together by (seed, epoch). A pure function of its arguments, so a resumed run sees the same batches.
+pub fn bucket_epoch_batches(
+    buckets: &[Vec<u64>],
+    global: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<u64>> {
+    let mut batches = Vec::new();
+    for (i, rows) in buckets.iter().enumerate() {
+        let bucket_seed = seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let perm = epoch_permutation(rows.len(), bucket_seed, epoch);
+        for chunk in perm.chunks_exact(global) {
+            batches.push(
+                chunk
+                    .iter()
+                    .map(|&k| rows[k as usize])
+                    .collect::<Vec<u64>>(),
+            );
+        }
+    }
+    let order = epoch_permutation(batches.len(), seed ^ 0xB0C7_E75A_17D0_0D1E, epoch);
+    order.iter().map(|&k| batches[k as usize].clone()).collect()
+}
+
 /// The batches from `start` on, endlessly: `(position, store offsets)`, a pure function of (seed, epoch, batch).
 struct BatchPlan {
     rows: usize,
+    /// A bucketed store: the row offsets of each bucket (the epoch's batches come from
+    /// [`bucket_epoch_batches`]; `perm` then holds the epoch's global batches back to back).
+    buckets: Option<Arc<Vec<Vec<u64>>>>,
     /// (rank, world size): this rank's slice of each global batch.
     shard: (usize, usize),
     batch_size: usize,
@@ -260,6 +306,7 @@ impl BatchPlan {
     ) -> Self {
         Self {
             rows,
+            buckets: None,
             shard,
             batch_size,
             per_epoch,
@@ -269,6 +316,11 @@ impl BatchPlan {
             perm_epoch: None,
         }
     }
+
+    fn bucketed(mut self, buckets: Option<Arc<Vec<Vec<u64>>>>) -> Self {
+        self.buckets = buckets;
+        self
+    }
 }
 
 impl Iterator for BatchPlan {
@@ -277,12 +329,19 @@ impl Iterator for BatchPlan {
     fn next(&mut self) -> Option<Self::Item> {
         let pos = self.pos;
         if self.perm_epoch != Some(pos.epoch) {
-            self.perm = epoch_permutation(self.rows, self.seed, pos.epoch);
+            self.perm = match &self.buckets {
+                None => epoch_permutation(self.rows, self.seed, pos.epoch),
+                // global batch k is positions [k·W·b, (k+1)·W·b), as for a square store
+                Some(b) => {
+                    bucket_epoch_batches(b, self.batch_size * self.shard.1, self.seed, pos.epoch)
+                        .concat()
+                }
+            };
             self.perm_epoch = Some(pos.epoch);
         }
         let (rank, world) = self.shard;
         let lo = (pos.batch as usize * world + rank) * self.batch_size;
-        let hi = (lo + self.batch_size).min(self.rows);
+        let hi = (lo + self.batch_size).min(self.perm.len());
         self.pos = pos.next(self.per_epoch);
         Some((pos, self.perm[lo..hi].to_vec()))
     }
@@ -335,20 +394,26 @@ impl StoreLoader {
                 "rank {rank} of a world of {world} processes"
             )));
         }
-        if let Some(ms) = &store.config().multi_scale {
-            return Err(Error::store(
-                store.path(),
-                format!(
-                    "this store holds aspect-ratio buckets (sprint-prep --multi_scale, the {} px table): training \
-                     on bucketed stores is not supported yet; prepare a square store (without --multi_scale) \
-                     to train",
-                    ms.table
-                ),
-            ));
-        }
         let rows = store.len()?;
         let global = opts.batch_size * world;
-        let per_epoch = batches_per_epoch(rows, global, opts.drop_last);
+        // a bucketed store: batches hold one bucket's rows; a bucket with fewer rows than a global batch is
+        // never drawn (said here, at start)
+        let buckets: Option<Arc<Vec<Vec<u64>>>> = if store.config().multi_scale.is_some() {
+            let by_shape = crate::store::inspect::rows_by_shape(&store)?;
+            for (shape, r) in by_shape.iter().filter(|(_, r)| r.len() < global) {
+                tracing::warn!(
+                    "bucket with latents {shape:?} skipped: {} row(s), fewer than one batch of {global}",
+                    r.len()
+                );
+            }
+            Some(Arc::new(by_shape.into_iter().map(|(_, r)| r).collect()))
+        } else {
+            None
+        };
+        let per_epoch = match &buckets {
+            None => batches_per_epoch(rows, global, opts.drop_last),
+            Some(b) => b.iter().map(|r| (r.len() / global) as u64).sum(),
+        };
         if per_epoch == 0 {
             let ranks = if world > 1 {
                 format!(" × {world} ranks")
@@ -357,10 +422,19 @@ impl StoreLoader {
             };
             return Err(Error::store(
                 store.path(),
-                format!(
-                    "{rows} rows is less than one batch of {} (--train_batch_size){ranks}",
-                    opts.batch_size
-                ),
+                if buckets.is_some() {
+                    format!(
+                        "no aspect-ratio bucket of the store holds one batch of {} (--train_batch_size){ranks}: \
+                         the largest has {} of its {rows} rows",
+                        opts.batch_size,
+                        buckets.as_ref().map_or(0, |b| b.iter().map(Vec::len).max().unwrap_or(0))
+                    )
+                } else {
+                    format!(
+                        "{rows} rows is less than one batch of {} (--train_batch_size){ranks}",
+                        opts.batch_size
+                    )
+                },
             ));
         }
         let config = store.config().clone();
@@ -391,7 +465,8 @@ impl StoreLoader {
                     per_epoch,
                     opts.seed,
                     start,
-                );
+                )
+                .bucketed(buckets);
                 let sigma_data = opts.sigma_data;
                 // `buffered` yields in plan order whatever order the spawned reads finish in.
                 let mut batches = futures::stream::iter(plan)
@@ -458,5 +533,79 @@ impl StoreLoader {
     /// Total time the caller spent blocked on the loader.
     pub fn waited(&self) -> Duration {
         self.waited
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three buckets of 7, 2 and 5 rows (offsets interleaved as prep writes them).
+    fn buckets() -> Vec<Vec<u64>> {
+        vec![
+            vec![0, 3, 4, 7, 9, 11, 13],
+            vec![1, 12],
+            vec![2, 5, 6, 8, 10],
+        ]
+    }
+
+    #[test]
+    fn bucket_batches_hold_one_bucket_drop_tails_and_depend_only_on_seed_and_epoch() {
+        let b = buckets();
+        let bucket_of = |row: u64| b.iter().position(|r| r.contains(&row)).unwrap();
+        let e0 = bucket_epoch_batches(&b, 2, 7, 0);
+        // 7 -> 3 batches, 2 -> 1, 5 -> 2: 6 batches of 2, tails dropped
+        assert_eq!(e0.len(), 6);
+        let mut seen = std::collections::HashSet::new();
+        for batch in &e0 {
+            assert_eq!(batch.len(), 2);
+            assert_eq!(bucket_of(batch[0]), bucket_of(batch[1]), "{batch:?}");
+            for r in batch {
+                assert!(seen.insert(*r), "row {r} twice in an epoch");
+            }
+        }
+        assert_eq!(e0, bucket_epoch_batches(&b, 2, 7, 0), "reproducible");
+        assert_ne!(
+            e0,
+            bucket_epoch_batches(&b, 2, 7, 1),
+            "reshuffled each epoch"
+        );
+        assert_ne!(e0, bucket_epoch_batches(&b, 2, 8, 0), "seeded");
+        // a bucket smaller than a batch is never drawn
+        let e = bucket_epoch_batches(&b, 3, 7, 0);
+        assert_eq!(e.len(), 3);
+        assert!(e.iter().all(|batch| bucket_of(batch[0]) != 1));
+    }
+
+    #[test]
+    fn bucketed_plan_resumes_exactly_and_ranks_split_the_global_batch() {
+        let b = Arc::new(buckets());
+        let per_epoch = 6;
+        let plan = |shard, batch_size, start| {
+            BatchPlan::new(14, shard, batch_size, per_epoch, 7, start).bucketed(Some(b.clone()))
+        };
+        let one: Vec<_> = plan((0, 1), 2, LoaderPosition::default())
+            .take(15)
+            .collect();
+        // resuming at any position yields the same continuation
+        for k in [1usize, 5, 6, 11] {
+            let resumed: Vec<_> = plan((0, 1), 2, one[k].0).take(15 - k).collect();
+            assert_eq!(resumed, one[k..], "resumed at {:?}", one[k].0);
+        }
+        // 2 ranks × batch 1 read exactly the global batches of 1 process × batch 2
+        let r0: Vec<_> = plan((0, 2), 1, LoaderPosition::default())
+            .take(15)
+            .collect();
+        let r1: Vec<_> = plan((1, 2), 1, LoaderPosition::default())
+            .take(15)
+            .collect();
+        for k in 0..15 {
+            assert_eq!(r0[k].0, one[k].0);
+            assert_eq!(
+                [r0[k].1.clone(), r1[k].1.clone()].concat(),
+                one[k].1,
+                "batch {k}"
+            );
+        }
     }
 }

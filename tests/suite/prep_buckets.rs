@@ -4,8 +4,7 @@
 //! histogram; a bucketed run into a square store (and the reverse) is refused; a square run stays format 1.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -13,36 +12,10 @@ use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
 use candle_core::Tensor;
 use sana_sprint::buckets::BucketTable;
-use sana_sprint::hub::HubConfig;
 use sana_sprint::prep::{self, PrepOptions};
 use sana_sprint::store::{LatentStore, CONFIG_KEY};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn hub() -> HubConfig {
-    HubConfig {
-        cache_dir: root().join("target/no-hf-cache"),
-        offline: true,
-        revision: "main".into(),
-    }
-}
-
-/// A PNG of `w x h` with content that makes resampling errors visible.
-fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            ((x * 7 + seed * 31) % 256) as u8,
-            ((y * 5 + seed * 17) % 256) as u8,
-            (((x ^ y) * 3 + seed) % 256) as u8,
-        ])
-    });
-    let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
-        .unwrap();
-    out
-}
+use crate::prep_e2e::{hub, png, root};
 
 /// (width, height) of the shard's images: 16:9, 9:16, 1:1, 4:5, 2:3, an extreme 10:1, two more 16:9 (a bucket
 /// with a full batch of 2 and a leftover), and a corrupt row.
@@ -207,21 +180,22 @@ fn multi_scale_prep_stores_each_image_in_its_bucket() {
         "{text}"
     );
 
-    // the trainer refuses it at start (bucketed training is not built yet), not mid-run
-    let loader = sana_sprint::train::loader::StoreLoader::start(
+    // the trainer's loader: batches of 2 from one bucket each; only the 16:9 bucket holds 2 rows, the others
+    // (one row each) are skipped
+    let mut loader = sana_sprint::train::loader::StoreLoader::start(
         LatentStore::open(&out).unwrap(),
         &sana_sprint::train::loader::LoaderOptions {
             batch_size: 2,
-            seed: 0,
-            drop_last: true,
-            prefetch: 2,
-            sigma_data: 0.5,
-            shard: (0, 1),
+            ..Default::default()
         },
         Default::default(),
-    );
-    let err = loader.err().expect("refused").to_string();
-    assert!(err.contains("aspect-ratio buckets"), "{err}");
+    )
+    .unwrap();
+    assert_eq!(loader.batches_per_epoch(), 1);
+    for _ in 0..3 {
+        let b = loader.next_batch().unwrap();
+        assert_eq!((b.len(), b.latent_shape), (2, [32, 12, 21]));
+    }
 
     // a rerun writes nothing; a square run into the bucketed store is refused, and the reverse
     assert_eq!(prep::run(&o, &hub()).unwrap().rows_written, 0);

@@ -18,7 +18,7 @@ use sana_sprint::store::{columns, LatentRow, LatentStore, StoreConfig, StoreDTyp
 
 const RES: u32 = 64;
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -26,7 +26,7 @@ fn tiny_model() -> PathBuf {
     root().join("datasets/tiny-sana-sprint")
 }
 
-fn hub() -> HubConfig {
+pub fn hub() -> HubConfig {
     HubConfig {
         cache_dir: root().join("target/no-hf-cache"),
         offline: true,
@@ -34,7 +34,7 @@ fn hub() -> HubConfig {
     }
 }
 
-fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
+pub fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         image::Rgb([
             ((x * 7 + seed * 31) % 256) as u8,

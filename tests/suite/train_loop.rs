@@ -32,6 +32,15 @@ pub(crate) fn tiny_model() -> PathBuf {
 
 /// Encodes the demo shards matching `pattern` (64 px: 2×2 latents, 8 rows per shard) into a new store.
 fn prep_store(pattern: &str) -> (tempfile::TempDir, PathBuf) {
+    prep_store_with(pattern, 64, false)
+}
+
+/// [`prep_store`] at `resolution`, square or with aspect-ratio buckets.
+fn prep_store_with(
+    pattern: &str,
+    resolution: u32,
+    multi_scale: bool,
+) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("demo.lance");
     let opts = PrepOptions {
@@ -42,7 +51,8 @@ fn prep_store(pattern: &str) -> (tempfile::TempDir, PathBuf) {
             .display()
             .to_string()],
         output: path.clone(),
-        resolution: 64,
+        resolution,
+        multi_scale,
         mixed_precision: MixedPrecision::No,
         device: "cpu".into(),
         progress: false,
@@ -61,6 +71,14 @@ fn prep_store(pattern: &str) -> (tempfile::TempDir, PathBuf) {
 pub(crate) fn demo_store() -> &'static Path {
     static STORE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &STORE.get_or_init(|| prep_store("train_*.parquet")).1
+}
+
+/// The three demo shards in aspect-ratio buckets of the 512 table (`--multi_scale`), once per test binary.
+pub(crate) fn bucketed_store() -> &'static Path {
+    static STORE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &STORE
+        .get_or_init(|| prep_store_with("train_*.parquet", 512, true))
+        .1
 }
 
 /// The first demo shard alone, encoded once per test binary (8 rows: same teacher, fewer rows).
@@ -327,8 +345,13 @@ fn checkpoints_contents_limit_and_latest() {
 /// warm-up gives update 0 lr = 0), so checkpoint-4's student differs from a fresh initialisation and a resume
 /// that rebuilt it from the teacher, or dropped the optimiser state, would end elsewhere.
 fn check_exact_resume(accumulation: usize) {
+    check_exact_resume_on(demo_store(), accumulation)
+}
+
+fn check_exact_resume_on(store: &Path, accumulation: usize) {
     let setup = |out: &Path| {
         let mut o = options(out);
+        o.latents = store.to_path_buf();
         o.max_train_steps = Some(6);
         o.gradient_accumulation_steps = accumulation;
         o
@@ -403,6 +426,32 @@ fn check_exact_resume(accumulation: usize) {
 #[test]
 fn resume_is_exact() {
     check_exact_resume(1);
+}
+
+/// A store of aspect-ratio buckets: batches of several latent shapes, each batch one bucket, and the same
+/// exact resume.
+#[test]
+fn bucketed_training_resumes_exactly() {
+    use sana_sprint::store::LatentStore;
+    use sana_sprint::train::loader::{LoaderOptions, StoreLoader};
+    let store = bucketed_store();
+    let mut loader = StoreLoader::start(
+        LatentStore::open(store).unwrap(),
+        &LoaderOptions {
+            batch_size: 2,
+            seed: 7,
+            ..LoaderOptions::default()
+        },
+        Default::default(),
+    )
+    .unwrap();
+    let mut shapes = std::collections::BTreeSet::new();
+    for _ in 0..loader.batches_per_epoch() {
+        shapes.insert(loader.next_batch().unwrap().latent_shape);
+    }
+    assert!(shapes.len() >= 2, "one epoch's batch shapes: {shapes:?}");
+    assert!(shapes.iter().any(|[_, h, w]| h != w), "{shapes:?}");
+    check_exact_resume_on(store, 1);
 }
 
 #[test]
