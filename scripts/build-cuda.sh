@@ -12,6 +12,8 @@
 set -euo pipefail
 # Every failure says where it happened (a failed command substitution under pipefail is otherwise silent).
 trap 'echo "build-cuda.sh: failed at line $LINENO (exit $?): $BASH_COMMAND" >&2' ERR
+# lance's build needs protoc (a fresh machine lacks it; the build would fail after many minutes)
+[ -n "${PROTOC:-}" ] || command -v protoc >/dev/null 2>&1 || { echo "build-cuda.sh: protoc not found: apt-get install protobuf-compiler (or set PROTOC)" >&2; exit 1; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/sana-sprint/target}"
