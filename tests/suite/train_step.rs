@@ -31,12 +31,23 @@ struct Fixture {
 
 impl Fixture {
     fn load() -> Self {
-        let path = common::fixture_path("train_step_tiny.safetensors");
+        Self::named("train_step_tiny")
+    }
+
+    /// `train_step_tiny_HxW`: a slim fixture at a non-square latent size (no weights of its own: the student
+    /// and heads come from the square fixture, drawn from the same seeds before the batch).
+    fn named(name: &str) -> Self {
+        let path = common::fixture_path(&format!("{name}.safetensors"));
         let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         let cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(common::fixture_path("train_step_tiny.json")).unwrap(),
+            &std::fs::read_to_string(common::fixture_path(&format!("{name}.json"))).unwrap(),
         )
         .unwrap();
+        let path = if cfg["slim"].as_bool() == Some(true) {
+            common::fixture_path("train_step_tiny.safetensors")
+        } else {
+            path
+        };
         Self { t, cfg, path }
     }
 
@@ -389,5 +400,120 @@ fn cached_negative_context_equals_the_per_step_one() {
     same("logits_real", &out_cached.logits_real, &out.logits_real);
     for (a, b) in grads_cached.iter().zip(&grads) {
         same("head grad", a, b);
+    }
+}
+
+/// The G and D steps at non-square latent sizes (aspect-ratio buckets): 2:1 (4×2) and 1:3 (2×6) latents against
+/// the reference, through every output, the losses and the clipped gradient norms (the slim fixtures keep no
+/// per-tensor gradients; the square fixture checks those and the AdamW update). Tolerance as above, f32.
+#[test]
+fn steps_match_reference_at_non_square_latent_sizes() {
+    let square = Fixture::load();
+    for name in ["train_step_tiny_4x2", "train_step_tiny_2x6"] {
+        let fx = Fixture::named(name);
+        // the weights read from the square fixture are the ones this fixture was made with
+        let sum: f64 = candle_core::safetensors::load(&square.path, &Device::Cpu)
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("student.") || k.starts_with("heads."))
+            .map(|(_, t)| {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            })
+            .sum();
+        let want_sum = fx.f("init_weights_sum");
+        assert!(
+            (sum - want_sum).abs() <= 1e-9 * want_sum.abs(),
+            "{name}: {sum} vs {want_sum}"
+        );
+        let (h, w) = (
+            fx.cfg["batch"]["H"].as_u64().unwrap(),
+            fx.cfg["batch"]["W"].as_u64().unwrap(),
+        );
+        assert_ne!(h, w);
+        assert_eq!(fx.get("batch.x0").dims()[2..], [h as usize, w as usize]);
+        let s = fx.settings();
+        let (teacher, student, heads) = (fx.teacher(), fx.student(), fx.heads());
+        let compute = student.compute_models(DType::F32).unwrap();
+        let models = Models::new(&teacher, &compute, &heads);
+        let mut worst = (0.0, String::new());
+
+        let draws = GeneratorDraws {
+            noise: fx.get("g.noise"),
+            t_normal: fx.get("g.t_normal"),
+            cfg: fx.get("g.cfg"),
+            largest: Some(LargestTimestepDraws {
+                t_normal: Some(fx.get("g.t_prime_normal")),
+                uniform: fx.get("g.largest_uniform"),
+                noise: fx.get("g.noise_prime"),
+            }),
+            t_d_normal: fx.get("g.t_d_normal"),
+            noise_d: fx.get("g.noise_d"),
+        };
+        let named = student.named_vars();
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        let (mut grads, out) = step::generator_grads(
+            &models,
+            &fx.batch(),
+            &draws,
+            &s,
+            fx.f("global_step") as u64,
+            &vars,
+            1.0,
+        )
+        .unwrap();
+        for (what, ours, key) in [
+            ("dxt_dt", &out.dxt_dt, "g.out.dxt_dt"),
+            ("dF", &out.df, "g.out.dF"),
+            ("F", &out.f, "g.out.F"),
+            ("logvar", &out.logvar, "g.out.logvar"),
+            ("x0_pred", &out.x0_pred, "g.out.x0_pred"),
+            ("logits", &out.logits, "g.out.logits"),
+        ] {
+            check(&format!("{name} {what}"), ours, &fx.get(key), &mut worst);
+        }
+        check_scalar("scm_loss", out.scm_loss, scalar(&fx.get("g.out.scm_loss")));
+        check_scalar("adv_loss", out.adv_loss, scalar(&fx.get("g.out.adv_loss")));
+        let norm = clip_grad_norm(&mut grads, &vars, fx.f("gradient_clip")).unwrap();
+        check_scalar("G grad norm", norm, scalar(&fx.get("g.out.grad_norm")));
+
+        let draws = DiscriminatorDraws {
+            noise: fx.get("d.noise"),
+            t_normal: fx.get("d.t_normal"),
+            cfg: fx.get("d.cfg"),
+            largest: Some(LargestTimestepDraws {
+                t_normal: None,
+                uniform: fx.get("d.largest_uniform"),
+                noise: fx.get("d.noise_largest"),
+            }),
+            t_d_normal: fx.get("d.t_d_normal"),
+            noise_fake: fx.get("d.noise_fake"),
+            noise_real: fx.get("d.noise_real"),
+            shift: Some((fx.get("d.t_shift_normal"), fx.get("d.noise_shift"))),
+        };
+        let (mut head_grads, out) =
+            step::discriminator_grads(&models, &fx.batch(), &draws, &s, &heads.vars(), 1.0)
+                .unwrap();
+        check(
+            &format!("{name} logits_fake"),
+            &out.logits_fake,
+            &fx.get("d.out.logits_fake"),
+            &mut worst,
+        );
+        check(
+            &format!("{name} logits_real"),
+            &out.logits_real,
+            &fx.get("d.out.logits_real"),
+            &mut worst,
+        );
+        check_scalar("d_loss", out.d_loss, scalar(&fx.get("d.out.d_loss")));
+        let head_vars: Vec<Var> = heads.named_vars().into_iter().map(|(_, v)| v).collect();
+        let norm = clip_grad_norm(&mut head_grads, &head_vars, fx.f("gradient_clip")).unwrap();
+        check_scalar("D grad norm", norm, scalar(&fx.get("d.out.grad_norm")));
+        println!("{name}: worst relative error {:.3e} ({})", worst.0, worst.1);
     }
 }

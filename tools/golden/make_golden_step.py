@@ -5,7 +5,8 @@ Pinned versions: torch 2.15.0 (CPU), diffusers 0.42.1, safetensors (any). Run fr
 Writes tests/fixtures/train_step_tiny.{safetensors,json} (contract: notes/step-contract.md). With
 --export-student DIR it also writes the student after the G step as a diffusers folder (config.json with
 `_class_name: SanaTrigFlow`, `guidance_embeds: true`; weights incl. logvar_linear.*), as the training script's
-final export does — input for tools/verify_export.py.
+final export does — input for tools/verify_export.py. With --hw H W it writes the slim non-square fixture
+train_step_tiny_HxW.{safetensors,json} (tests/fixtures has 4x2 and 2x6: the aspect-ratio buckets' shapes).
 
 What it states: the reference maths of train_sana_sprint_diffusers.py (docs/ALGORITHM.md §5.2–§5.8) with the *recommended*
 fixes of docs/ALGORITHM.md §9, in float32 on the CPU, with every random draw injected (stored under g.* / d.*, read back
@@ -377,7 +378,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--export-student", metavar="DIR")
+    ap.add_argument("--hw", nargs=2, type=int, metavar=("H", "W"),
+                    help="latent height and width (default 4 4); with it, a slim fixture "
+                         "train_step_tiny_HxW.* without the initial and updated weights and the per-tensor "
+                         "gradients (the same seeds give the same initial student and heads as the square "
+                         "fixture, which the test reads them from); gradients are checked through their norms")
     args = ap.parse_args()
+    global H, W
+    slim = args.hw is not None
+    if slim:
+        H, W = args.hw
 
     torch.manual_seed(0)  # heads: torch default init and SpectralNorm u/v init use the global generator
     gen = torch.Generator().manual_seed(1234)
@@ -416,7 +426,12 @@ def main():
     tensors.update({"g.out." + k: v for k, v in g_out.items()})
     tensors.update({"d.out." + k: v for k, v in d_out.items()})
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in tensors.items()}
-    path = os.path.join(args.out_dir, "train_step_tiny.safetensors")
+    name = f"train_step_tiny_{H}x{W}" if slim else "train_step_tiny"
+    init_sum = sum(float(v.double().sum()) for k, v in tensors.items() if k.startswith(("student.", "heads.")))
+    if slim:
+        big = ("student.", "heads.", "g.out.grad.", "d.out.grad.", "g.out.student.", "d.out.heads.")
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(big) or k.endswith("grad_norm")}
+    path = os.path.join(args.out_dir, name + ".safetensors")
     save_file(tensors, path)
 
     meta = dict(
@@ -443,8 +458,10 @@ def main():
                "extra outputs: g.out.x_t, g.out.tangent (normalised), g.out.t_prime, g.out.t_d, d.out.t, "
                "d.out.x0_fake, d.out.t_d, d.out.t_shift"],
         versions=dict(torch=torch.__version__, diffusers=diffusers.__version__),
+        init_weights_sum=init_sum,
+        slim=slim,
     )
-    with open(os.path.join(args.out_dir, "train_step_tiny.json"), "w") as fh:
+    with open(os.path.join(args.out_dir, name + ".json"), "w") as fh:
         json.dump(meta, fh, indent=2)
     if args.export_student:
         export_student(args.export_student, teacher,
