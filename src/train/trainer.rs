@@ -62,6 +62,8 @@ struct Last {
     d: Option<f64>,
     grad_norm_g: Option<f64>,
     grad_norm_d: Option<f64>,
+    /// `[C, H, W]` of the last batch's latents (a bucketed store's batches differ).
+    latent_shape: Option<[usize; 3]>,
 }
 
 /// Adds the gradients of `vars` found in `grads` into `acc`.
@@ -630,6 +632,7 @@ impl<'a> Trainer<'a> {
                 profile::start(&self.opts.device)?;
             }
             let batch = self.loader.next_batch()?;
+            self.last.latent_shape = Some(batch.latent_shape);
             profile::mark("loader_wait")?;
             if !self.micro_step(&batch)? {
                 continue;
@@ -833,6 +836,10 @@ impl<'a> Trainer<'a> {
             "elapsed_s": self.started.elapsed().as_secs_f64(),
             "nan_skips": state.nan_skips,
         });
+        let bucketed = self.loader.config().multi_scale.is_some();
+        if let (true, Some(shape)) = (bucketed, last.latent_shape) {
+            line["latent_shape"] = serde_json::json!(shape);
+        }
         if let Some(stages) = stages {
             let secs: serde_json::Map<_, _> = stages
                 .iter()
@@ -856,8 +863,17 @@ impl<'a> Trainer<'a> {
             metrics.write(line)?;
         }
         self.bar.set_position(state.global_step);
+        // the bucket of a bucketed store's last batch, in pixels
+        let bucket = self
+            .loader
+            .config()
+            .multi_scale
+            .as_ref()
+            .zip(last.latent_shape)
+            .and_then(|(ms, shape)| ms.buckets.iter().find(|b| b.latent_shape == shape))
+            .map_or(String::new(), |b| format!("{}x{} ", b.height, b.width));
         self.bar.set_message(format!(
-            "scm {} adv {} d {} |g| {} |d| {} lr {:.2e} {:.1} samples/s",
+            "{bucket}scm {} adv {} d {} |g| {} |d| {} lr {:.2e} {:.1} samples/s",
             fmt_opt(last.scm),
             fmt_opt(last.adv),
             fmt_opt(last.d),

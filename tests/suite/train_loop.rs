@@ -452,6 +452,21 @@ fn bucketed_training_resumes_exactly() {
     assert!(shapes.len() >= 2, "one epoch's batch shapes: {shapes:?}");
     assert!(shapes.iter().any(|[_, h, w]| h != w), "{shapes:?}");
     check_exact_resume_on(store, 1);
+    // metrics name each step's bucket (its latent shape)
+    let out = tempfile::tempdir().unwrap();
+    let mut o = options(out.path());
+    o.latents = store.to_path_buf();
+    o.max_train_steps = Some(2);
+    trainer::run(&o).unwrap();
+    for line in metrics(out.path()) {
+        let shape = line["latent_shape"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            shapes.contains(&[0, 1, 2].map(|i| shape[i].as_u64().unwrap() as usize)),
+            "{line}"
+        );
+    }
 }
 
 #[test]
