@@ -126,6 +126,10 @@ pub struct TrainArgs {
     /// Validate every this many global steps (always at the end when prompts are given).
     #[arg(long)]
     pub validation_steps: Option<u64>,
+    /// Validation image size HxW in pixels (e.g. 1024x576; a single number is a square); repeat for one grid
+    /// per size. Default: the store's resolution, square.
+    #[arg(long, value_parser = parse_hw)]
+    pub validation_resolution: Vec<(usize, usize)>,
     /// TrigFlow times of the SCM sampler (1–4 steps; two values = the pipeline's 2 steps).
     #[arg(long, num_args = 1..)]
     pub validation_timesteps: Option<Vec<f64>>,
@@ -329,6 +333,7 @@ impl TrainArgs {
         o.num_validation_images = fill(&mut a.num_validation_images, &o.num_validation_images);
         o.validation_steps = a.validation_steps;
         o.validation_timesteps = fill(&mut a.validation_timesteps, &o.validation_timesteps);
+        o.validation_resolutions = a.validation_resolution.clone();
         o.upcast_before_saving = a.upcast_before_saving;
         o.allow_store_mismatch = a.allow_store_mismatch;
         o.profile = a.profile;
@@ -353,5 +358,20 @@ impl TrainArgs {
         o.pretrained_model_name_or_path =
             hub::resolve_model(&name, &["transformer"], &HubConfig::from_env())?.root;
         Ok(o)
+    }
+}
+
+/// `HxW` (or `N` for a square) in pixels.
+fn parse_hw(s: &str) -> std::result::Result<(usize, usize), String> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{s:?} is not HxW (e.g. 1024x576) or a single positive size"))
+    };
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok((parse(h)?, parse(w)?)),
+        None => parse(s).map(|n| (n, n)),
     }
 }

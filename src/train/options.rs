@@ -48,6 +48,8 @@ pub struct TrainOptions {
     /// Validate every this many global steps (and at the end).
     pub validation_steps: Option<u64>,
     pub validation_timesteps: Vec<f64>,
+    /// Validation image sizes `(height, width)` in pixels, one grid each; empty: the store's square resolution.
+    pub validation_resolutions: Vec<(usize, usize)>,
     pub upcast_before_saving: bool,
     pub allow_store_mismatch: bool,
     pub device: Device,
@@ -100,6 +102,7 @@ impl TrainOptions {
             resume_from_checkpoint: None,
             validation_prompts: Vec::new(),
             num_validation_images: 4,
+            validation_resolutions: Vec::new(),
             validation_steps: None,
             validation_timesteps: vec![step::LARGEST_TIMESTEP, 1.3],
             upcast_before_saving: false,

@@ -349,7 +349,22 @@ fn trainable_models(
     Ok((student.with_self_attention(opts.self_attention)?, heads))
 }
 
-/// The validation sampler, when `--validation_prompts` are given (images at the store's resolution).
+/// The validation samplers, when `--validation_prompts` are given: one per `--validation_resolution`, or one at
+/// the store's square resolution.
+fn validators(opts: &TrainOptions, resolution: usize) -> Result<Vec<Validator>> {
+    let Some(first) = validator(opts, resolution)? else {
+        return Ok(Vec::new());
+    };
+    if opts.validation_resolutions.is_empty() {
+        return Ok(vec![first]);
+    }
+    opts.validation_resolutions
+        .iter()
+        .map(|&(h, w)| first.resized(h, w))
+        .collect()
+}
+
+/// The validation sampler at the store's square resolution, when `--validation_prompts` are given.
 fn validator(opts: &TrainOptions, resolution: usize) -> Result<Option<Validator>> {
     if opts.validation_prompts.is_empty() {
         return Ok(None);
@@ -426,7 +441,8 @@ struct Trainer<'a> {
     /// The discriminator's constant learning rate (scaled with `--scale_lr`).
     lr_d: f64,
     state: TrainerState,
-    validator: Option<Validator>,
+    /// One per validation size (none without validation prompts).
+    validators: Vec<Validator>,
     /// Rank 0's `metrics.jsonl` (`None` on the other ranks).
     metrics: Option<MetricsLog>,
     bar: ProgressBar,
@@ -581,10 +597,10 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
-        let validator = if main {
-            validator(opts, loader.config().resolution as usize)?
+        let validators = if main {
+            validators(opts, loader.config().resolution as usize)?
         } else {
-            None
+            Vec::new()
         };
 
         let negative = NegativePrompt::repeated(loader.config(), opts.train_batch_size, device)?;
@@ -612,7 +628,7 @@ impl<'a> Trainer<'a> {
             lr_d: lr,
             bar: progress_bar(opts.progress && main, max_train_steps, state.global_step),
             state,
-            validator,
+            validators,
             metrics,
             acc: GradStore::default(),
             micro: 0,
@@ -925,17 +941,36 @@ impl<'a> Trainer<'a> {
 
     /// Every `--validation_steps` before the last step: validation images from the current student.
     fn maybe_validate(&mut self) -> Result<()> {
-        let (Some(v), Some(every)) = (&self.validator, self.opts.validation_steps) else {
+        let Some(every) = self.opts.validation_steps else {
             return Ok(());
         };
         let step = self.state.global_step;
         if step.is_multiple_of(every) && step < self.max_train_steps {
-            let path = v.run(&self.compute.frozen, step, &self.opts.output_dir)?;
-            self.bar
-                .println(format!("validation images: {}", path.display()));
-            self.validation_images.push(path);
+            for path in self.validate(step)? {
+                self.bar
+                    .println(format!("validation images: {}", path.display()));
+                self.validation_images.push(path);
+            }
         }
         Ok(())
+    }
+
+    /// Validation grids of the current student at every validation size: `step-NNNNNN.png` at the store's
+    /// square resolution by default, `step-NNNNNN-HxW.png` per `--validation_resolution`.
+    fn validate(&self, step: u64) -> Result<Vec<PathBuf>> {
+        let out = &self.opts.output_dir;
+        let sized = !self.opts.validation_resolutions.is_empty();
+        self.validators
+            .iter()
+            .map(|v| {
+                let path = if sized {
+                    crate::train::validation::validation_path_sized(out, step, v.size())
+                } else {
+                    crate::train::validation::validation_path(out, step)
+                };
+                v.run_to(&self.compute.frozen, &path)
+            })
+            .collect()
     }
 
     /// The final diffusers export of the student (f32 with `--upcast_before_saving`, else the compute dtype),
@@ -957,10 +992,8 @@ impl<'a> Trainer<'a> {
             dtype,
         )?;
         self.heads.save(&out.join(checkpoint::HEADS_FILE))?;
-        if let Some(v) = &self.validator {
-            let path = v.run(&self.compute.frozen, self.state.global_step, out)?;
-            self.validation_images.push(path);
-        }
+        let paths = self.validate(self.state.global_step)?;
+        self.validation_images.extend(paths);
         self.barrier()
     }
 

@@ -317,6 +317,13 @@ pub fn validation_path(out_dir: &Path, step: u64) -> PathBuf {
         .join(format!("step-{step:06}.png"))
 }
 
+/// The grid of training step `step` at one of several sizes: `out_dir/validation/step-{step:06}-{h}x{w}.png`.
+pub fn validation_path_sized(out_dir: &Path, step: u64, (h, w): (usize, usize)) -> PathBuf {
+    out_dir
+        .join("validation")
+        .join(format!("step-{step:06}-{h}x{w}.png"))
+}
+
 /// What a validation run samples.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidationSettings {
@@ -485,9 +492,32 @@ impl Validator {
     /// Writes the validation grid of training step `step` (prompts as rows, images as columns) to
     /// [`validation_path`]`(out_dir, step)` and returns that path.
     pub fn run(&self, student: &SanaTrigFlow, step: u64, out_dir: &Path) -> Result<PathBuf> {
+        self.run_to(student, &validation_path(out_dir, step))
+    }
+
+    /// [`Validator::run`] to `path`.
+    pub fn run_to(&self, student: &SanaTrigFlow, path: &Path) -> Result<PathBuf> {
         let images = self.images(student)?;
-        let path = validation_path(out_dir, step);
-        save_grid(&images, self.settings.images_per_prompt, &path)?;
-        Ok(path)
+        save_grid(&images, self.settings.images_per_prompt, path)?;
+        Ok(path.to_path_buf())
+    }
+
+    /// The same prompts and decoder at another image size (checked as at construction).
+    pub fn resized(&self, height: usize, width: usize) -> Result<Self> {
+        Self::new(
+            self.prompt_embeds.clone(),
+            self.prompt_mask.clone(),
+            self.decoder.clone(),
+            ValidationSettings {
+                height,
+                width,
+                ..self.settings.clone()
+            },
+        )
+    }
+
+    /// `(height, width)` of its images.
+    pub fn size(&self) -> (usize, usize) {
+        (self.settings.height, self.settings.width)
     }
 }

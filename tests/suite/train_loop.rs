@@ -809,3 +809,59 @@ fn accumulation_averages_micro_batches() {
     );
     assert!(mean >= 0.5 * (g0 - g1).abs() * 0.9, "{mean} < |g0 - g1|/2");
 }
+
+/// `--validation_resolution HxW` (repeatable; a single number is a square): one grid per size, named by it.
+#[test]
+fn validation_grids_at_several_resolutions() {
+    let out = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sprint-train"))
+            .args(["--pretrained_model_name_or_path"])
+            .arg(tiny_model())
+            .arg("--latents")
+            .arg(small_store())
+            .arg("--output_dir")
+            .arg(out.path())
+            .args([
+                "--max_train_steps",
+                "2",
+                "--train_batch_size",
+                "2",
+                "--no_progress",
+                "--device",
+                "cpu",
+                "--validation_prompt",
+                "a red cube",
+                "--num_validation_images",
+                "2",
+            ])
+            .args(extra)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let bad = run(&["--validation_resolution", "64x"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not HxW"));
+    let ok = run(&[
+        "--validation_resolution",
+        "64x96",
+        "--validation_resolution",
+        "96",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let v = out.path().join("validation");
+    // two images per prompt side by side, one prompt
+    for (file, (w, h)) in [
+        ("step-000002-64x96.png", (192, 64)),
+        ("step-000002-96x96.png", (192, 96)),
+    ] {
+        let img = image::open(v.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!((img.width(), img.height()), (w, h), "{file}");
+    }
+    assert!(!v.join("step-000002.png").exists());
+}
