@@ -193,6 +193,24 @@ pub fn sample_scm(
 /// Decodes diffusion latents z (B, C, h, w) into 8-bit RGB images (docs/ALGORITHM.md §7 steps 7–8): `vae.decode(z /
 /// scaling_factor)` in `vae_dtype` (the decoder's weight dtype), then round(clamp(x·0.5 + 0.5, 0, 1)·255)
 /// (half to even, as numpy) computed in f32.
+/// The decoded image of one latent `(1, C, h, w)` as CHW f32 in [-1, 1] (before the uint8 conversion), with the
+/// decoder's scaling factor and dtype.
+pub fn decode_pixels(decoder: &ImageDecoder, z: &Tensor) -> Result<Vec<f32>> {
+    let raw = div_scalar(&z.to_dtype(decoder.dtype)?, decoder.config.scaling_factor)?;
+    let decoded = decoder.decoder.forward(&raw)?;
+    let (_, c, _, _) = decoded.dims4()?;
+    if c != 3 {
+        return Err(Error::Arg(format!(
+            "the DC-AE decodes {c} channels; images need RGB (3)"
+        )));
+    }
+    Ok(decoded
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
 pub fn decode_images(
     vae: &DcaeDecoder,
     z: &Tensor,

@@ -21,6 +21,7 @@ mod prep_buckets;
 mod prep_e2e;
 mod prep_parallel;
 mod s3;
+mod sample;
 mod store_maintain;
 mod student_init;
 mod train_loop;
