@@ -62,6 +62,8 @@ fn config(latent: StoreDType, embed: StoreDType) -> StoreConfig {
         latent_shape: [32, 32, 32],
         writer: "bench".into(),
         multi_scale: None,
+        validation_prompts: Vec::new(),
+        validation_max_sequence_length: None,
     }
 }
 

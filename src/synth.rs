@@ -922,6 +922,8 @@ pub fn random_store(
         latent_shape: [32, h, h],
         writer: "sprint-bench".into(),
         multi_scale: None,
+        validation_prompts: Vec::new(),
+        validation_max_sequence_length: None,
     };
     let mut writer = StoreWriter::open(
         path,

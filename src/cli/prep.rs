@@ -102,6 +102,10 @@ pub struct PrepArgs {
     /// the --resolution table (512, 1024 or 2048) and centre-cropped to it, instead of a square crop.
     #[arg(long)]
     pub multi_scale: bool,
+    /// Validation prompts to encode into the store (as sprint-train's validation encodes them), so that
+    /// sprint-train draws validation grids without loading the text encoder; replaces the stored ones.
+    #[arg(long, num_args = 1..)]
+    pub validation_prompt: Vec<String>,
     /// Remove extra copies of ids stored more than once (keeping the first), then exit.
     #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "compact"])]
     pub dedupe: Option<PathBuf>,
@@ -214,6 +218,7 @@ impl PrepArgs {
         set(&mut o.lease_seconds, a.lease_seconds);
         o.distinct_shard_ids |= a.distinct_shard_ids;
         o.multi_scale |= a.multi_scale;
+        o.validation_prompts = a.validation_prompt.clone();
         o
     }
 }

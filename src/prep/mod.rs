@@ -66,6 +66,8 @@ pub struct PrepOptions {
     pub distinct_shard_ids: bool,
     /// Aspect-ratio buckets: each image to the nearest bucket of the `resolution` table (512, 1024, 2048).
     pub multi_scale: bool,
+    /// Validation prompts to encode into the store's metadata (sprint-train then needs no text encoder).
+    pub validation_prompts: Vec<String>,
 }
 
 impl Default for PrepOptions {
@@ -99,6 +101,7 @@ impl Default for PrepOptions {
             lease_seconds: 60.0,
             distinct_shard_ids: false,
             multi_scale: false,
+            validation_prompts: Vec::new(),
         }
     }
 }
@@ -344,7 +347,36 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
         latent_shape: [c, r / f as usize, r / f as usize],
         writer: format!("sana-sprint {}", env!("CARGO_PKG_VERSION")),
         multi_scale,
+        validation_prompts: Vec::new(),
+        validation_max_sequence_length: None,
     };
+    let mut config = config;
+    if !opts.validation_prompts.is_empty() {
+        // as sprint-train's validation encodes them (crate::train::validation::encode_prompts), in this run's
+        // text dtype
+        let max_len = crate::train::validation::MAX_SEQUENCE_LENGTH;
+        let (emb, mask) = text.encode(
+            &opts.validation_prompts,
+            Some(&COMPLEX_HUMAN_INSTRUCTION[..]),
+            max_len,
+        )?;
+        let lens: Vec<f32> = mask.to_dtype(DType::F32)?.sum(1)?.to_vec1()?;
+        for (i, prompt) in opts.validation_prompts.iter().enumerate() {
+            let len = lens[i] as usize;
+            let rows: Vec<f32> = emb
+                .get(i)?
+                .narrow(0, 0, len)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            config.validation_prompts.push(crate::store::StoredPrompt {
+                prompt: prompt.clone(),
+                len,
+                embeds_f32le_b64: StoreConfig::encode_negative(&rows),
+            });
+        }
+        config.validation_max_sequence_length = Some(max_len);
+    }
     Ok(Encoders {
         vae,
         vae_config,

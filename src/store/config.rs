@@ -49,6 +49,16 @@ pub struct BucketInfo {
     pub latent_shape: [usize; 3],
 }
 
+/// A validation prompt encoded by `sprint-prep --validation_prompt`, so that sprint-train needs no text encoder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPrompt {
+    pub prompt: String,
+    /// Token rows kept (the mask's ones); the trainer pads to `validation_max_sequence_length` with zeros.
+    pub len: usize,
+    /// base64 of its `len · text_hidden_size` values, little-endian float32.
+    pub embeds_f32le_b64: String,
+}
+
 /// How a multi-scale store buckets its images (`sprint-prep --multi_scale`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MultiScaleInfo {
@@ -82,6 +92,13 @@ pub struct StoreConfig {
     /// The aspect-ratio buckets of a multi-scale store (format_version 2); absent in square stores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multi_scale: Option<MultiScaleInfo>,
+    /// Validation prompts encoded as the pipeline encodes them (complex human instruction, padded to
+    /// `validation_max_sequence_length`); absent unless `sprint-prep --validation_prompt` was given. Not a
+    /// setting: a later run may replace them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation_prompts: Vec<StoredPrompt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_max_sequence_length: Option<usize>,
 }
 
 impl StoreConfig {
@@ -111,6 +128,24 @@ impl StoreConfig {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())
     }
+}
+
+/// Little-endian f32 values from base64 (the encoding of `negative_prompt_embeds_f32le_b64` and of stored
+/// validation prompts).
+pub fn decode_f32le(b64: &str) -> Result<Vec<f32>> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| Error::store("", format!("stored embeddings are not base64: {e}")))?;
+    if bytes.len() % 4 != 0 {
+        return Err(Error::store(
+            "",
+            "stored embeddings are not whole f32 values",
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// Reads the `sprint.config` of an open dataset, refusing unknown format versions.

@@ -27,8 +27,8 @@ pub mod schema;
 pub mod writer;
 
 pub use config::{
-    BucketInfo, ModelInfo, ModelsInfo, MultiScaleInfo, PreprocessInfo, StoreConfig, CONFIG_KEY,
-    FORMAT_VERSION, FORMAT_VERSION_MULTI_SCALE,
+    BucketInfo, ModelInfo, ModelsInfo, MultiScaleInfo, PreprocessInfo, StoreConfig, StoredPrompt,
+    CONFIG_KEY, FORMAT_VERSION, FORMAT_VERSION_MULTI_SCALE,
 };
 pub use inspect::describe;
 pub use reader::{FloatValues, LatentStore, RowReader, StoredRow};

@@ -151,6 +151,22 @@ impl StoreWriter {
                     ),
                 ));
             }
+            let mut ds = ds;
+            if !config.validation_prompts.is_empty()
+                && (stored.validation_prompts != config.validation_prompts
+                    || stored.validation_max_sequence_length
+                        != config.validation_max_sequence_length)
+            {
+                // not a setting: this run's validation prompts replace the stored ones (one metadata commit)
+                let updated = StoreConfig {
+                    validation_prompts: config.validation_prompts.clone(),
+                    validation_max_sequence_length: config.validation_max_sequence_length,
+                    ..stored
+                };
+                let json = serde_json::to_string(&updated)?;
+                let entry = [(super::config::CONFIG_KEY.to_string(), Some(json))];
+                rt.block_on(async { ds.update_schema_metadata(entry).await })?;
+            }
             let ids = rt.block_on(read_ids(&ds))?;
             (ds, ids)
         };

@@ -351,8 +351,8 @@ fn trainable_models(
 
 /// The validation samplers, when `--validation_prompts` are given: one per `--validation_resolution`, or one at
 /// the store's square resolution.
-fn validators(opts: &TrainOptions, resolution: usize) -> Result<Vec<Validator>> {
-    let Some(first) = validator(opts, resolution)? else {
+fn validators(opts: &TrainOptions, store: &crate::store::StoreConfig) -> Result<Vec<Validator>> {
+    let Some(first) = validator(opts, store)? else {
         return Ok(Vec::new());
     };
     if opts.validation_resolutions.is_empty() {
@@ -364,29 +364,69 @@ fn validators(opts: &TrainOptions, resolution: usize) -> Result<Vec<Validator>> 
         .collect()
 }
 
-/// The validation sampler at the store's square resolution, when `--validation_prompts` are given.
-fn validator(opts: &TrainOptions, resolution: usize) -> Result<Option<Validator>> {
-    if opts.validation_prompts.is_empty() {
-        return Ok(None);
-    }
+/// The validation sampler at the store's square resolution: for `--validation_prompts` (encoded now with the
+/// teacher folder's text encoder), else for the prompts `sprint-prep --validation_prompt` stored (no text
+/// encoder loaded), else none.
+fn validator(opts: &TrainOptions, store: &crate::store::StoreConfig) -> Result<Option<Validator>> {
     let mut timesteps = opts.validation_timesteps.clone();
     if timesteps.last() != Some(&0.0) {
         timesteps.push(0.0);
     }
-    Ok(Some(Validator::load(
-        &opts.pretrained_model_name_or_path,
-        &opts.validation_prompts,
-        ValidationSettings {
-            images_per_prompt: opts.num_validation_images,
-            height: resolution,
-            width: resolution,
-            timesteps,
-            seed: opts.seed,
-            sigma_data: opts.step.sigma_data,
-            mixed_precision: opts.mixed_precision,
-            ..ValidationSettings::default()
-        },
-        &opts.device,
+    let resolution = store.resolution as usize;
+    let settings = ValidationSettings {
+        images_per_prompt: opts.num_validation_images,
+        height: resolution,
+        width: resolution,
+        timesteps,
+        seed: opts.seed,
+        sigma_data: opts.step.sigma_data,
+        mixed_precision: opts.mixed_precision,
+        ..ValidationSettings::default()
+    };
+    if !opts.validation_prompts.is_empty() {
+        return Ok(Some(Validator::load(
+            &opts.pretrained_model_name_or_path,
+            &opts.validation_prompts,
+            settings,
+            &opts.device,
+        )?));
+    }
+    if store.validation_prompts.is_empty() {
+        return Ok(None);
+    }
+    let (p, d) = (store.validation_prompts.len(), store.text_hidden_size);
+    let l = store
+        .validation_max_sequence_length
+        .unwrap_or(crate::train::validation::MAX_SEQUENCE_LENGTH);
+    let mut emb = vec![0f32; p * l * d];
+    let mut mask = vec![0f32; p * l];
+    for (i, sp) in store.validation_prompts.iter().enumerate() {
+        let values = crate::store::config::decode_f32le(&sp.embeds_f32le_b64)?;
+        if sp.len > l || values.len() != sp.len * d {
+            return Err(Error::store(
+                &opts.latents,
+                format!(
+                    "stored validation prompt {:?} holds {} values, not {} x {d}",
+                    sp.prompt,
+                    values.len(),
+                    sp.len
+                ),
+            ));
+        }
+        emb[i * l * d..][..values.len()].copy_from_slice(&values);
+        mask[i * l..][..sp.len].fill(1.0);
+    }
+    let device = &opts.device;
+    let decoder = crate::train::validation::ImageDecoder::load(
+        &opts.pretrained_model_name_or_path.join("vae"),
+        candle_core::DType::F32,
+        device,
+    )?;
+    Ok(Some(Validator::new(
+        Tensor::from_vec(emb, (p, l, d), device)?,
+        Tensor::from_vec(mask, (p, l), device)?,
+        decoder,
+        settings,
     )?))
 }
 
@@ -598,7 +638,7 @@ impl<'a> Trainer<'a> {
             None
         };
         let validators = if main {
-            validators(opts, loader.config().resolution as usize)?
+            validators(opts, loader.config())?
         } else {
             Vec::new()
         };

@@ -143,5 +143,7 @@ pub fn small_store_config(
         latent_shape: [2, 2, 2],
         writer: "test".into(),
         multi_scale: None,
+        validation_prompts: Vec::new(),
+        validation_max_sequence_length: None,
     }
 }

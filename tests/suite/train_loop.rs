@@ -865,3 +865,89 @@ fn validation_grids_at_several_resolutions() {
     }
     assert!(!v.join("step-000002.png").exists());
 }
+
+/// `sprint-prep --validation_prompt` stores the prompts' embeddings; sprint-train then draws its validation
+/// grids from them without a text encoder, and the grid equals the one drawn from the same prompt encoded at
+/// the start of the run (byte for byte, f32).
+#[test]
+fn stored_validation_prompts_need_no_text_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("with-prompts.lance");
+    let hub = HubConfig {
+        cache_dir: root().join("target/no-hf-cache"),
+        offline: true,
+        revision: "main".into(),
+    };
+    let prep_opts = PrepOptions {
+        pretrained_model_name_or_path: tiny_model().display().to_string(),
+        file_path: vec![root()
+            .join("datasets/demo/train_000.parquet")
+            .display()
+            .to_string()],
+        output: store.clone(),
+        resolution: 64,
+        mixed_precision: MixedPrecision::No,
+        device: "cpu".into(),
+        progress: false,
+        validation_prompts: vec!["a red cube".into(), "two green rings".into()],
+        ..PrepOptions::default()
+    };
+    prep::run(&prep_opts, &hub).unwrap();
+    let config = sana_sprint::store::LatentStore::open(&store)
+        .unwrap()
+        .config()
+        .clone();
+    assert_eq!(config.validation_prompts.len(), 2);
+    assert!(config.validation_prompts.iter().all(|p| p.len > 1));
+
+    let grid = |out: &Path, prompts: Vec<String>, teacher: &Path| {
+        let mut o = options(out);
+        o.latents = store.clone();
+        o.pretrained_model_name_or_path = teacher.to_path_buf();
+        o.max_train_steps = Some(2);
+        o.validation_prompts = prompts;
+        o.allow_store_mismatch = true;
+        trainer::run(&o).unwrap();
+        std::fs::read(out.join("validation/step-000002.png")).unwrap()
+    };
+    // a teacher folder without a text encoder: the stored prompts are enough
+    let no_text = copy_teacher();
+    for entry in std::fs::read_dir(no_text.path().join("text_encoder")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::write(&path, b"not weights").unwrap();
+        }
+    }
+    let a = tempfile::tempdir().unwrap();
+    let stored = grid(a.path(), Vec::new(), no_text.path());
+    let b = tempfile::tempdir().unwrap();
+    let encoded = grid(
+        b.path(),
+        vec!["a red cube".into(), "two green rings".into()],
+        &tiny_model(),
+    );
+    assert_eq!(
+        stored, encoded,
+        "stored and freshly encoded prompts give the same grid"
+    );
+
+    // a later run's prompts replace the stored ones; the rows stay
+    let rows = sana_sprint::store::LatentStore::open(&store)
+        .unwrap()
+        .len()
+        .unwrap();
+    let again = PrepOptions {
+        validation_prompts: vec!["a blue sphere".into()],
+        ..prep_opts
+    };
+    assert_eq!(prep::run(&again, &hub).unwrap().rows_written, 0);
+    let reopened = sana_sprint::store::LatentStore::open(&store).unwrap();
+    let names: Vec<&str> = reopened
+        .config()
+        .validation_prompts
+        .iter()
+        .map(|p| p.prompt.as_str())
+        .collect();
+    assert_eq!(names, ["a blue sphere"]);
+    assert_eq!(reopened.len().unwrap(), rows);
+}
