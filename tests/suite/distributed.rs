@@ -234,10 +234,17 @@ fn check_equivalence(extra: &[&str], env: &[(&str, &str)]) {
             serde_json::from_str(a).unwrap(),
             serde_json::from_str(b).unwrap(),
         );
-        for key in ["scm_loss", "adv_loss", "d_loss", "grad_norm"] {
+        // the global gradient norm sums every parameter's squares in f32 in another order on two ranks: seen
+        // up to 1.8e-4 apart, so it gets the student's tolerance; the losses stay at 1e-4
+        for (key, tol) in [
+            ("scm_loss", 1e-4),
+            ("adv_loss", 1e-4),
+            ("d_loss", 1e-4),
+            ("grad_norm", 1e-3),
+        ] {
             if let (Some(x), Some(y)) = (a[key].as_f64(), b[key].as_f64()) {
                 assert!(
-                    (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                    (x - y).abs() <= tol * x.abs().max(1e-3),
                     "{key}: {x} (one process) vs {y} (two ranks)"
                 );
             }
