@@ -191,12 +191,7 @@ fn print_parts(path: &Path) -> sana_sprint::Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sana_sprint::cli::init_logging();
     let args = PrepArgs::parse_args();
     let result = if let Some(store) = args.inspect.clone() {
         inspect(&store, args.report.as_deref())

@@ -130,12 +130,7 @@ fn options(mut a: Args) -> sana_sprint::Result<SampleOptions> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sana_sprint::cli::init_logging();
     let result = options(Args::parse()).and_then(|o| sample::run(&o));
     match result {
         Ok(paths) => {

@@ -9,12 +9,7 @@ use sana_sprint::cli::train::TrainArgs;
 use sana_sprint::train::trainer;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sana_sprint::cli::init_logging();
     let result = TrainArgs::parse_args().options().and_then(|o| {
         let summary = trainer::run(&o)?;
         let secs = summary.elapsed.as_secs_f64();

@@ -127,3 +127,13 @@ pub fn shown_defaults(binary: &str) -> Option<Vec<(String, String)>> {
 fn fill<T: Clone>(slot: &mut Option<T>, default: &T) -> T {
     slot.get_or_insert_with(|| default.clone()).clone()
 }
+
+/// The binaries' log output: warnings and errors on stderr (`RUST_LOG` selects more).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -105,6 +105,42 @@ impl Fixture {
         }
     }
 
+    /// The generator step's injected draws.
+    fn generator_draws(&self) -> GeneratorDraws {
+        let fx = self;
+        GeneratorDraws {
+            noise: fx.get("g.noise"),
+            t_normal: fx.get("g.t_normal"),
+            cfg: fx.get("g.cfg"),
+            largest: Some(LargestTimestepDraws {
+                t_normal: Some(fx.get("g.t_prime_normal")),
+                uniform: fx.get("g.largest_uniform"),
+                noise: fx.get("g.noise_prime"),
+            }),
+            t_d_normal: fx.get("g.t_d_normal"),
+            noise_d: fx.get("g.noise_d"),
+        }
+    }
+
+    /// The discriminator step's injected draws.
+    fn discriminator_draws(&self) -> DiscriminatorDraws {
+        let fx = self;
+        DiscriminatorDraws {
+            noise: fx.get("d.noise"),
+            t_normal: fx.get("d.t_normal"),
+            cfg: fx.get("d.cfg"),
+            largest: Some(LargestTimestepDraws {
+                t_normal: None,
+                uniform: fx.get("d.largest_uniform"),
+                noise: fx.get("d.noise_largest"),
+            }),
+            t_d_normal: fx.get("d.t_d_normal"),
+            noise_fake: fx.get("d.noise_fake"),
+            noise_real: fx.get("d.noise_real"),
+            shift: Some((fx.get("d.t_shift_normal"), fx.get("d.noise_shift"))),
+        }
+    }
+
     fn head_ids(&self) -> Vec<usize> {
         self.cfg["head_block_ids"]
             .as_array()
@@ -186,18 +222,7 @@ fn generator_step_matches_reference() {
     let heads = fx.heads();
     let compute = student.compute_models(DType::F32).unwrap();
     let models = Models::new(&teacher, &compute, &heads);
-    let draws = GeneratorDraws {
-        noise: fx.get("g.noise"),
-        t_normal: fx.get("g.t_normal"),
-        cfg: fx.get("g.cfg"),
-        largest: Some(LargestTimestepDraws {
-            t_normal: Some(fx.get("g.t_prime_normal")),
-            uniform: fx.get("g.largest_uniform"),
-            noise: fx.get("g.noise_prime"),
-        }),
-        t_d_normal: fx.get("g.t_d_normal"),
-        noise_d: fx.get("g.noise_d"),
-    };
+    let draws = fx.generator_draws();
     let global_step = fx.f("global_step") as u64;
     let batch = fx.batch();
     let mut worst = (0.0, String::new());
@@ -264,20 +289,7 @@ fn discriminator_step_matches_reference() {
     let heads = fx.heads();
     let compute = student.compute_models(DType::F32).unwrap();
     let models = Models::new(&teacher, &compute, &heads);
-    let draws = DiscriminatorDraws {
-        noise: fx.get("d.noise"),
-        t_normal: fx.get("d.t_normal"),
-        cfg: fx.get("d.cfg"),
-        largest: Some(LargestTimestepDraws {
-            t_normal: None,
-            uniform: fx.get("d.largest_uniform"),
-            noise: fx.get("d.noise_largest"),
-        }),
-        t_d_normal: fx.get("d.t_d_normal"),
-        noise_fake: fx.get("d.noise_fake"),
-        noise_real: fx.get("d.noise_real"),
-        shift: Some((fx.get("d.t_shift_normal"), fx.get("d.noise_shift"))),
-    };
+    let draws = fx.discriminator_draws();
     let mut worst = (0.0, String::new());
     let (mut head_grads, out) =
         step::discriminator_grads(&models, &fx.batch(), &draws, &s, &heads.vars(), 1.0).unwrap();
@@ -442,18 +454,7 @@ fn steps_match_reference_at_non_square_latent_sizes() {
         let models = Models::new(&teacher, &compute, &heads);
         let mut worst = (0.0, String::new());
 
-        let draws = GeneratorDraws {
-            noise: fx.get("g.noise"),
-            t_normal: fx.get("g.t_normal"),
-            cfg: fx.get("g.cfg"),
-            largest: Some(LargestTimestepDraws {
-                t_normal: Some(fx.get("g.t_prime_normal")),
-                uniform: fx.get("g.largest_uniform"),
-                noise: fx.get("g.noise_prime"),
-            }),
-            t_d_normal: fx.get("g.t_d_normal"),
-            noise_d: fx.get("g.noise_d"),
-        };
+        let draws = fx.generator_draws();
         let named = student.named_vars();
         let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         let (mut grads, out) = step::generator_grads(
@@ -481,20 +482,7 @@ fn steps_match_reference_at_non_square_latent_sizes() {
         let norm = clip_grad_norm(&mut grads, &vars, fx.f("gradient_clip")).unwrap();
         check_scalar("G grad norm", norm, scalar(&fx.get("g.out.grad_norm")));
 
-        let draws = DiscriminatorDraws {
-            noise: fx.get("d.noise"),
-            t_normal: fx.get("d.t_normal"),
-            cfg: fx.get("d.cfg"),
-            largest: Some(LargestTimestepDraws {
-                t_normal: None,
-                uniform: fx.get("d.largest_uniform"),
-                noise: fx.get("d.noise_largest"),
-            }),
-            t_d_normal: fx.get("d.t_d_normal"),
-            noise_fake: fx.get("d.noise_fake"),
-            noise_real: fx.get("d.noise_real"),
-            shift: Some((fx.get("d.t_shift_normal"), fx.get("d.noise_shift"))),
-        };
+        let draws = fx.discriminator_draws();
         let (mut head_grads, out) =
             step::discriminator_grads(&models, &fx.batch(), &draws, &s, &heads.vars(), 1.0)
                 .unwrap();
