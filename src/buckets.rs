@@ -55,6 +55,21 @@ const TABLE_512: [(&str, u32, u32); 40] = [
     ("4.0", 1024, 256),
 ];
 
+/// The index of the first of `keys` (height/width ratios, in table order) minimising `|key - height / width|`:
+/// Python's `min(keys, key=lambda r: abs(float(r) - h / w))`, as NVlabs' `get_closest_ratio` and diffusers'
+/// `classify_height_width_bin` pick.
+pub fn nearest_key(keys: impl IntoIterator<Item = f64>, height: f64, width: f64) -> usize {
+    let ratio = height / width;
+    let mut best = (0, f64::INFINITY);
+    for (i, key) in keys.into_iter().enumerate() {
+        let d = (key - ratio).abs();
+        if d < best.1 {
+            best = (i, d);
+        }
+    }
+    best.0
+}
+
 /// The resolutions that have a table.
 pub const SUPPORTED: [u32; 3] = [512, 1024, 2048];
 
@@ -124,16 +139,11 @@ impl BucketTable {
     /// The index (in table order) and bucket of an image of `height x width`: the first key minimising
     /// `|key - height / width|`.
     pub fn nearest(&self, height: u32, width: u32) -> (usize, Bucket) {
-        let ratio = f64::from(height) / f64::from(width);
-        let mut best = 0;
-        let mut best_d = f64::INFINITY;
-        for (i, &(_, key, _)) in self.entries.iter().enumerate() {
-            let d = (key - ratio).abs();
-            if d < best_d {
-                best = i;
-                best_d = d;
-            }
-        }
+        let best = nearest_key(
+            self.entries.iter().map(|&(_, key, _)| key),
+            f64::from(height),
+            f64::from(width),
+        );
         (best, self.entries[best].2)
     }
 

@@ -19,7 +19,7 @@ use crate::models::sana::SanaConfig;
 use crate::models::student::Student;
 use crate::models::weights::Weights;
 use crate::rng::SeededRng;
-use crate::train::validation::{decode_pixels, encode_prompts, sample_scm, ImageDecoder};
+use crate::train::validation::{decode_pixels, encode_prompts, pixel_u8, sample_scm, ImageDecoder};
 
 /// diffusers' `ASPECT_RATIO_1024_BIN` (pixart_alpha): (key h/w, height, width). Not the training table of
 /// [`crate::buckets`]: 33 keys.
@@ -62,15 +62,11 @@ const BIN_1024: [(&str, usize, usize); 33] = [
 /// `PixArtImageProcessor.classify_height_width_bin` over `ASPECT_RATIO_1024_BIN`: the `(height, width)` of the
 /// first key minimising `|key - height / width|`.
 pub fn classify_1024_bin(height: usize, width: usize) -> (usize, usize) {
-    let ratio = height as f64 / width as f64;
-    let mut best = (f64::INFINITY, (0, 0));
-    for &(key, h, w) in &BIN_1024 {
-        let d = (key.parse::<f64>().expect("table keys are numbers") - ratio).abs();
-        if d < best.0 {
-            best = (d, (h, w));
-        }
-    }
-    best.1
+    let keys = BIN_1024
+        .iter()
+        .map(|(key, _, _)| key.parse::<f64>().expect("table keys are numbers"));
+    let (_, h, w) = BIN_1024[crate::buckets::nearest_key(keys, height as f64, width as f64)];
+    (h, w)
 }
 
 /// torch's `F.interpolate(mode="bilinear", align_corners=False)` source index and weights of one axis
@@ -323,8 +319,7 @@ pub fn run(opts: &SampleOptions) -> Result<Vec<PathBuf>> {
             let mut rgb = vec![0u8; 3 * plane];
             for (j, px) in rgb.chunks_exact_mut(3).enumerate() {
                 for (ch, v) in px.iter_mut().enumerate() {
-                    let x = chw[ch * plane + j];
-                    *v = ((x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8;
+                    *v = pixel_u8(chw[ch * plane + j]);
                 }
             }
             let path = opts

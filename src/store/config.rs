@@ -109,37 +109,30 @@ impl StoreConfig {
 
     /// The unconditional embedding `(negative_prompt_len, text_hidden_size)` as f32 values.
     pub fn negative_prompt_embeds(&self) -> Result<Vec<f32>> {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&self.negative_prompt_embeds_f32le_b64)
-            .map_err(|e| {
-                Error::store(
-                    "",
-                    format!("negative_prompt_embeds_f32le_b64 is not base64: {e}"),
-                )
-            })?;
-        if bytes.len() != 4 * self.negative_prompt_len * self.text_hidden_size {
+        let values = decode_f32le(
+            "negative_prompt_embeds_f32le_b64",
+            &self.negative_prompt_embeds_f32le_b64,
+        )?;
+        if values.len() != self.negative_prompt_len * self.text_hidden_size {
             return Err(Error::store(
                 "",
                 "negative_prompt_embeds_f32le_b64 does not hold negative_prompt_len x text_hidden_size floats",
             ));
         }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(values)
     }
 }
 
 /// Little-endian f32 values from base64 (the encoding of `negative_prompt_embeds_f32le_b64` and of stored
 /// validation prompts).
-pub fn decode_f32le(b64: &str) -> Result<Vec<f32>> {
+pub fn decode_f32le(what: &str, b64: &str) -> Result<Vec<f32>> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
-        .map_err(|e| Error::store("", format!("stored embeddings are not base64: {e}")))?;
+        .map_err(|e| Error::store("", format!("{what} is not base64: {e}")))?;
     if bytes.len() % 4 != 0 {
         return Err(Error::store(
             "",
-            "stored embeddings are not whole f32 values",
+            format!("{what} does not hold whole f32 values"),
         ));
     }
     Ok(bytes

@@ -401,7 +401,8 @@ fn validator(opts: &TrainOptions, store: &crate::store::StoreConfig) -> Result<O
     let mut emb = vec![0f32; p * l * d];
     let mut mask = vec![0f32; p * l];
     for (i, sp) in store.validation_prompts.iter().enumerate() {
-        let values = crate::store::config::decode_f32le(&sp.embeds_f32le_b64)?;
+        let values =
+            crate::store::config::decode_f32le("a stored validation prompt", &sp.embeds_f32le_b64)?;
         if sp.len > l || values.len() != sp.len * d {
             return Err(Error::store(
                 &opts.latents,

@@ -193,6 +193,12 @@ pub fn sample_scm(
 /// Decodes diffusion latents z (B, C, h, w) into 8-bit RGB images (docs/ALGORITHM.md §7 steps 7–8): `vae.decode(z /
 /// scaling_factor)` in `vae_dtype` (the decoder's weight dtype), then round(clamp(x·0.5 + 0.5, 0, 1)·255)
 /// (half to even, as numpy) computed in f32.
+/// One decoded value in [-1, 1] as a byte, as diffusers' postprocess does: `round((x / 2 + 0.5).clamp(0, 1) · 255)`
+/// (numpy's round, half to even).
+pub fn pixel_u8(x: f32) -> u8 {
+    ((x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8
+}
+
 /// The decoded image of one latent `(1, C, h, w)` as CHW f32 in [-1, 1] (before the uint8 conversion), with the
 /// decoder's scaling factor and dtype.
 pub fn decode_pixels(decoder: &ImageDecoder, z: &Tensor) -> Result<Vec<f32>> {
@@ -231,10 +237,7 @@ pub fn decode_images(
         .to_device(&Device::Cpu)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let bytes: Vec<u8> = pixels
-        .iter()
-        .map(|&x| ((x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)
-        .collect();
+    let bytes: Vec<u8> = pixels.iter().map(|&x| pixel_u8(x)).collect();
     Ok(bytes
         .chunks_exact(h * w * 3)
         .map(|image| {
