@@ -46,6 +46,11 @@ pub enum Error {
     #[error("distributed run, {0}")]
     Dist(String),
 
+    /// A training run that cannot go on (it diverged, or its weights are no longer finite); the message names
+    /// the last good checkpoint.
+    #[error("training stopped: {0}")]
+    Diverged(String),
+
     #[error(transparent)]
     Lance(#[from] lance::Error),
 

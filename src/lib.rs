@@ -14,9 +14,11 @@ pub mod prep; // parquet shards -> decode -> encode -> latent store
 pub mod profile; // --profile: device-synchronised stage timers (training steps, the DC-AE encoder)
 pub mod rng; // the one seedable generator (init, per-step draws, shuffles)
 pub mod sample; // sprint-sample: images from a student as SanaSprintPipeline makes them
+pub mod stop; // SIGTERM / SIGINT: stop at the next safe point, exit 0
 pub mod store; // the Lance latent store (docs/STORE.md)
 pub mod synth; // random models and data of real shapes for benches, tests and the GPU check
 pub mod system; // process facts: memory high-water marks
+pub mod tensorboard; // TensorBoard event files (scalars, PNG images) written without TensorFlow
 pub mod text; // prompt encoding as SanaPipeline.encode_prompt
 pub mod train; // SANA-Sprint distillation: loader, step maths, loop, checkpoints, validation
 

@@ -19,21 +19,21 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
             .map(|v| v.to_string())
             .unwrap_or_else(|| "-".into())
     };
-    println!("store            {}", path.display());
-    println!("rows             {}", get("rows"));
-    println!(
+    sana_sprint::outln!("store            {}", path.display());
+    sana_sprint::outln!("rows             {}", get("rows"));
+    sana_sprint::outln!(
         "lance            version {}, {} fragment(s), {} bytes on disk",
         get("lance_version"),
         get("fragments"),
         get("disk_bytes")
     );
-    println!(
+    sana_sprint::outln!(
         "bytes/sample     {} (raw f16: {}, ratio {})",
         get("bytes_per_sample"),
         get("raw_f16_bytes_per_sample"),
         get("ratio_to_raw_f16")
     );
-    println!(
+    sana_sprint::outln!(
         "resolution       {} -> latent {:?} ({}), vae_scaling_factor {}",
         c.resolution,
         c.latent_shape,
@@ -42,7 +42,7 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
     );
     if let Some(m) = &c.multi_scale {
         let hist = store::inspect::bucket_histogram(&st)?;
-        println!(
+        sana_sprint::outln!(
             "buckets          the {} px aspect-ratio table ({}), {} of {} bucket(s) used:",
             m.table,
             m.filter,
@@ -58,13 +58,13 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
                 || "not in the table".to_string(),
                 |b| format!("{}x{} (h/w {})", b.height, b.width, b.key),
             );
-            println!(
+            sana_sprint::outln!(
                 "    {name:<24} latent {shape:?}: {n} row(s) ({:.1}%)",
                 100.0 * *n as f64 / rows.max(1) as f64
             );
         }
     }
-    println!(
+    sana_sprint::outln!(
         "prompts          max_sequence_length {}, D {}, {} (mean prompt_len {}), instruction: {}",
         c.max_sequence_length,
         c.text_hidden_size,
@@ -75,28 +75,31 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
             .map(|l| format!("{} lines", l.len()))
             .unwrap_or_else(|| "none".into())
     );
-    println!("negative prompt  {} token(s)", c.negative_prompt_len);
-    println!(
+    sana_sprint::outln!("negative prompt  {} token(s)", c.negative_prompt_len);
+    sana_sprint::outln!(
         "preprocess       mixed_precision {}; {}; {}",
-        c.preprocess.mixed_precision, c.preprocess.resize, c.preprocess.crop
+        c.preprocess.mixed_precision,
+        c.preprocess.resize,
+        c.preprocess.crop
     );
     for (name, m) in [
         ("vae", &c.models.vae),
         ("text_encoder", &c.models.text_encoder),
         ("tokenizer", &c.models.tokenizer),
     ] {
-        println!("{name:<16} {} {}", m.fingerprint, m.origin);
+        sana_sprint::outln!("{name:<16} {} {}", m.fingerprint, m.origin);
     }
-    println!(
+    sana_sprint::outln!(
         "format_version   {}, written by {}",
-        c.format_version, c.writer
+        c.format_version,
+        c.writer
     );
     let dups = store::maintain::duplicate_ids(path)?;
     if dups.is_empty() {
-        println!("duplicate ids    none");
+        sana_sprint::outln!("duplicate ids    none");
     } else {
         let extra: usize = dups.iter().map(|(_, n)| n - 1).sum();
-        println!(
+        sana_sprint::outln!(
             "duplicate ids    {} id(s) stored more than once ({extra} extra row(s)), e.g. {}; \
              `sprint-prep --dedupe {}` removes them",
             dups.len(),
@@ -114,14 +117,15 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
         .unwrap_or_else(|| prep::default_report_path(path));
     match prep::report::PrepReport::read(&report_path) {
         Ok(r) => {
-            println!(
+            sana_sprint::outln!("last run         {}", r.describe_status());
+            sana_sprint::outln!(
                 "bad rows         {} in the last run {:?} ({})",
                 r.bad_rows.len(),
                 r.bad_rows_by_reason,
                 report_path.display()
             );
             for b in &r.bad_rows {
-                println!(
+                sana_sprint::outln!(
                     "    {}: {}{}",
                     b.id,
                     b.reason,
@@ -133,7 +137,7 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
                 );
             }
         }
-        Err(_) => println!(
+        Err(_) => sana_sprint::outln!(
             "bad rows         no run report at {}",
             report_path.display()
         ),
@@ -146,14 +150,14 @@ fn inspect(path: &Path, report: Option<&Path>) -> sana_sprint::Result<()> {
 fn print_parts(path: &Path) -> sana_sprint::Result<()> {
     let leases = prep::parts::list_leases(path)?;
     if leases.is_empty() {
-        println!("parts            no worker leases (written by a single run of an older version, or none yet)");
+        sana_sprint::outln!("parts            no worker leases (written by a single run of an older version, or none yet)");
         return Ok(());
     }
     let done = leases
         .iter()
         .filter(|l| l.state == prep::parts::LeaseState::Done)
         .count();
-    println!(
+    sana_sprint::outln!(
         "parts            {} leased, {done} done, {} running",
         leases.len(),
         leases.len() - done
@@ -168,13 +172,13 @@ fn print_parts(path: &Path) -> sana_sprint::Result<()> {
         e.3 += l.rows_todo;
     }
     for (w, (parts, done, rows_done, rows_todo)) in by_worker {
-        println!("    {w}: {done}/{parts} part(s) done, {rows_done}/{rows_todo} row(s)");
+        sana_sprint::outln!("    {w}: {done}/{parts} part(s) done, {rows_done}/{rows_todo} row(s)");
     }
     for l in leases
         .iter()
         .filter(|l| l.state == prep::parts::LeaseState::Running)
     {
-        println!(
+        sana_sprint::outln!(
             "    {} {}: {}/{} row(s) — {}",
             if l.abandoned() {
                 "STALE (lease expired or its process is gone; the next run takes it over)"
@@ -198,9 +202,9 @@ fn main() -> ExitCode {
     } else if let Some(path) = args.dedupe.clone() {
         store::maintain::dedupe(&path).map(|r| {
             if r.rows_removed == 0 {
-                println!("{}: no id is stored twice; nothing to do", path.display());
+                sana_sprint::outln!("{}: no id is stored twice; nothing to do", path.display());
             } else {
-                println!(
+                sana_sprint::outln!(
                     "{}: removed {} extra row(s) of {} duplicated id(s): {} -> {} rows (Lance version {} -> {})",
                     path.display(),
                     r.rows_removed,
@@ -214,7 +218,7 @@ fn main() -> ExitCode {
         })
     } else if let Some(path) = args.compact.clone() {
         store::maintain::compact(&path).map(|r| {
-            println!(
+            sana_sprint::outln!(
                 "{}: {} rows; fragments {} -> {}; bytes {} -> {} (Lance version {} -> {})",
                 path.display(),
                 r.rows,
@@ -238,15 +242,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
-        prep::run(&opts, &HubConfig::from_env()).map(|report| {
-            let worker = prep::parts::Worker::resolve(opts.worker_index, opts.worker_count)
-                .map_or(prep::parts::Worker::SINGLE, |(w, _)| w);
-            let path = opts
-                .report
-                .clone()
-                .unwrap_or_else(|| prep::worker_report_path(&opts.output, worker));
-            println!("{}", report.summary(&path));
-        })
+        sana_sprint::stop::install()
+            .and_then(|()| prep::run(&opts, &HubConfig::from_env()))
+            .map(|report| {
+                let worker = prep::parts::Worker::resolve(opts.worker_index, opts.worker_count)
+                    .map_or(prep::parts::Worker::SINGLE, |(w, _)| w);
+                let path = opts
+                    .report
+                    .clone()
+                    .unwrap_or_else(|| prep::worker_report_path(&opts.output, worker));
+                sana_sprint::outln!("{}", report.summary(&path));
+            })
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -135,7 +135,7 @@ fn main() -> ExitCode {
     match result {
         Ok(paths) => {
             for p in &paths {
-                println!("{}", p.display());
+                sana_sprint::outln!("{}", p.display());
             }
             ExitCode::SUCCESS
         }

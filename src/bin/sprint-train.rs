@@ -11,9 +11,27 @@ use sana_sprint::train::trainer;
 fn main() -> ExitCode {
     sana_sprint::cli::init_logging();
     let result = TrainArgs::parse_args().options().and_then(|o| {
+        sana_sprint::stop::install()?;
         let summary = trainer::run(&o)?;
+        if let Some(signal) = summary.stopped_by {
+            match summary.checkpoints.last() {
+                Some(dir) => sana_sprint::outln!(
+                    "stopped by {signal} after global step {}: saved {}; continue with the same command and \
+                     --resume_from_checkpoint latest",
+                    summary.global_step,
+                    dir.display()
+                ),
+                None if summary.global_step > 0 => sana_sprint::outln!(
+                    "stopped by {signal} at global step {} (already checkpointed); continue with the same \
+                     command and --resume_from_checkpoint latest",
+                    summary.global_step
+                ),
+                None => sana_sprint::outln!("stopped by {signal} before the first step: nothing to save"),
+            }
+            return Ok(());
+        }
         let secs = summary.elapsed.as_secs_f64();
-        println!(
+        sana_sprint::outln!(
             "trained {} global steps ({} G, {} D updates, {} NaN/Inf skips) over {} batches in {:.1} s",
             summary.global_step,
             summary.generator_updates,
@@ -23,30 +41,30 @@ fn main() -> ExitCode {
             secs
         );
         if let Some(dir) = &summary.resumed_from {
-            println!("resumed from     {}", dir.display());
+            sana_sprint::outln!("resumed from     {}", dir.display());
         }
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.5}"));
-        println!(
+        sana_sprint::outln!(
             "last losses      scm {}  adv {}  d {}",
             fmt(summary.last_scm_loss),
             fmt(summary.last_adv_loss),
             fmt(summary.last_d_loss)
         );
-        println!(
+        sana_sprint::outln!(
             "loader wait      {:.3} s ({:.2}% of the run)",
             summary.loader_wait.as_secs_f64(),
             100.0 * summary.loader_wait.as_secs_f64() / secs.max(1e-9)
         );
         if let Some(peak) = sana_sprint::system::peak_rss_bytes() {
-            println!("peak memory      {:.0} MiB (host RSS)", peak as f64 / 1048576.0);
+            sana_sprint::outln!("peak memory      {:.0} MiB (host RSS)", peak as f64 / 1048576.0);
         }
         for c in &summary.checkpoints {
-            println!("checkpoint       {}", c.display());
+            sana_sprint::outln!("checkpoint       {}", c.display());
         }
         for v in &summary.validation_images {
-            println!("validation       {}", v.display());
+            sana_sprint::outln!("validation       {}", v.display());
         }
-        println!(
+        sana_sprint::outln!(
             "student          {} (+ logvar_linear.safetensors, disc_heads.safetensors, metrics.jsonl)",
             summary.export_dir.display()
         );

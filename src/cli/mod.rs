@@ -128,12 +128,37 @@ fn fill<T: Clone>(slot: &mut Option<T>, default: &T) -> T {
     slot.get_or_insert_with(|| default.clone()).clone()
 }
 
-/// The binaries' log output: warnings and errors on stderr (`RUST_LOG` selects more).
+/// The binaries' log output: warnings and errors on stderr (`RUST_LOG` selects more), coloured only when
+/// stderr is a terminal (a log file gets no ANSI codes).
 pub fn init_logging() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Writes one line to stdout; when the reader has gone (`sprint-prep --inspect STORE | head`), the process
+/// ends quietly with status 0 instead of panicking as `println!` does on a broken pipe.
+pub fn print_line(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// `println!` for the binaries, through [`print_line`] (no panic on a closed pipe).
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::cli::print_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::cli::print_line(format_args!($($arg)*)) };
 }

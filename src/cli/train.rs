@@ -70,6 +70,10 @@ pub struct TrainArgs {
     /// Max global gradient norm (both phases).
     #[arg(long)]
     pub gradient_clip: Option<f64>,
+    /// Stop the run as diverged after this many steps in a row with a NaN/Inf gradient norm (each is skipped);
+    /// the error names the last good checkpoint.
+    #[arg(long)]
+    pub max_consecutive_nan_skips: Option<u64>,
     /// bf16: models compute in bf16 over f32 master weights and f32 optimiser state; no: all f32.
     #[arg(long, value_enum)]
     pub mixed_precision: Option<MixedPrecision>,
@@ -197,6 +201,10 @@ fn tunables() -> Vec<(&'static str, String)> {
         ("adam_weight_decay", num(o.adam.weight_decay)),
         ("adam_epsilon", num(o.adam.eps)),
         ("gradient_clip", num(o.gradient_clip)),
+        (
+            "max_consecutive_nan_skips",
+            o.max_consecutive_nan_skips.to_string(),
+        ),
         ("mixed_precision", value_name(&o.mixed_precision)),
         ("seed", o.seed.to_string()),
         ("logit_mean", num(s.student_sampler.mean)),
@@ -306,6 +314,10 @@ impl TrainArgs {
         o.adam.weight_decay = fill(&mut a.adam_weight_decay, &o.adam.weight_decay);
         o.adam.eps = fill(&mut a.adam_epsilon, &o.adam.eps);
         o.gradient_clip = fill(&mut a.gradient_clip, &o.gradient_clip);
+        o.max_consecutive_nan_skips = fill(
+            &mut a.max_consecutive_nan_skips,
+            &o.max_consecutive_nan_skips,
+        );
         o.mixed_precision = fill(&mut a.mixed_precision, &o.mixed_precision);
         o.seed = fill(&mut a.seed, &o.seed);
         let s = &mut o.step;

@@ -581,11 +581,18 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     report.worker = format!("{}/{}", worker.index + 1, worker.count);
     report.parts_total = all_parts.len();
     report.parts_of_worker = mine.len();
+    let report_path = opts
+        .report
+        .clone()
+        .unwrap_or_else(|| worker_report_path(&opts.output, worker));
+    // written now, saying `running`: a killed run leaves a report that says it did not finish
+    report.write(&report_path)?;
     let cap = opts.batch_size * 4;
     let (raw_tx, raw_rx) = bounded::<RawRow>(cap);
     let (dec_tx, dec_rx) = bounded::<Decoded>(cap);
 
     let transform = Transform::of(opts)?;
+    let mut stopped_by: Option<&'static str> = None;
     let result: Result<usize> = std::thread::scope(|scope| {
         let reader_shards: Vec<Shard> = shards.clone();
         let keep_set = pending.clone();
@@ -662,6 +669,9 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
             // parts another worker holds: wait until it finishes them, or until its lease expires
             let mut told: HashMap<String, String> = HashMap::new();
             while !deferred.is_empty() {
+                if crate::stop::requested().is_some() {
+                    return Ok(done_by_others);
+                }
                 let mut still = Vec::new();
                 for part in deferred {
                     let n = keep_set_count(&part, &reader_shards, &keep_set);
@@ -793,6 +803,15 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
         };
         let mut outcome = Ok(());
         loop {
+            if let Some(signal) = crate::stop::requested() {
+                // a polite stop: what is decoded but not encoded is dropped (the next run reads it again);
+                // the open batches are encoded and committed below
+                say(format!(
+                    "{signal}: committing the rows encoded so far and stopping (a second signal exits at once)"
+                ));
+                stopped_by = Some(signal);
+                break;
+            }
             let item = match dec_rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(item) => Some(item),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
@@ -904,10 +923,11 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
         }
     }
     report.finish(started.elapsed().as_secs_f64());
-    let report_path = opts
-        .report
-        .clone()
-        .unwrap_or_else(|| worker_report_path(&opts.output, worker));
+    report.status = match (&result, stopped_by) {
+        (Err(e), _) => format!("failed: {e}"),
+        (Ok(_), Some(signal)) => format!("stopped by {signal}"),
+        (Ok(_), None) => "finished".into(),
+    };
     report.write(&report_path)?;
     result?;
     Ok(report)

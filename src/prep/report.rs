@@ -50,7 +50,28 @@ pub struct PrepReport {
     /// This worker was the last to finish and compacted the store's fragments.
     #[serde(default)]
     pub compacted: bool,
+    /// `running` while the run works (a report left saying so belongs to a run that was killed), then
+    /// `finished`, `stopped by SIGTERM` / `stopped by SIGINT` (a polite stop: what was encoded is committed), or
+    /// `failed: <error>`. Empty in reports of older versions.
+    #[serde(default)]
+    pub status: String,
+    /// When the run started (seconds since the Unix epoch).
+    #[serde(default)]
+    pub started_unix_s: u64,
 }
+
+/// "42 s", "17 min", "3.2 h", "2.1 days".
+fn human_duration(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        7200..172800 => format!("{:.1} h", secs as f64 / 3600.0),
+        _ => format!("{:.1} days", secs as f64 / 86400.0),
+    }
+}
+
+/// [`PrepReport::status`] of a run in progress.
+pub const STATUS_RUNNING: &str = "running";
 
 impl PrepReport {
     pub fn new(opts: &PrepOptions, shards: &[Shard], rows_total: usize, already: usize) -> Self {
@@ -74,6 +95,10 @@ impl PrepReport {
             parts_done_by_others: 0,
             duplicate_ids: 0,
             compacted: false,
+            status: STATUS_RUNNING.into(),
+            started_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         }
     }
 
@@ -116,6 +141,26 @@ impl PrepReport {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// How the run the report belongs to ended, in words (`--inspect`).
+    pub fn describe_status(&self) -> String {
+        let ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(self.started_unix_s);
+        let when = if self.started_unix_s == 0 {
+            String::new()
+        } else {
+            format!(", started {} ago", human_duration(ago))
+        };
+        match self.status.as_str() {
+            "" => "finished (a report of an older version)".into(),
+            STATUS_RUNNING => format!(
+                "did not finish{when}: it was killed (or is still running); rerun the same command to continue"
+            ),
+            other => format!("{other}{when}"),
+        }
+    }
+
     /// The human summary printed at the end of a run.
     pub fn summary(&self, report_path: &Path) -> String {
         let mut s = format!(
@@ -131,6 +176,12 @@ impl PrepReport {
             self.output,
             report_path.display()
         );
+        if self.status.starts_with("stopped") {
+            s.push_str(&format!(
+                "\n{}: the rows encoded so far are committed; rerun the same command to continue",
+                self.status
+            ));
+        }
         if self.worker != "1/1" && !self.worker.is_empty() {
             s.push_str(&format!(
                 "\nworker {}: {} of {} part(s){}",

@@ -33,6 +33,9 @@ pub struct TrainOptions {
     pub lr_power: f64,
     pub adam: AdamWConfig,
     pub gradient_clip: f64,
+    /// Steps in a row with a non-finite gradient norm after which the run stops as diverged (each is skipped
+    /// without updating the weights).
+    pub max_consecutive_nan_skips: u64,
     pub mixed_precision: MixedPrecision,
     pub seed: u64,
     pub step: StepSettings,
@@ -90,6 +93,7 @@ impl TrainOptions {
             lr_power: 1.0,
             adam: AdamWConfig::default(),
             gradient_clip: 0.1,
+            max_consecutive_nan_skips: 10,
             mixed_precision: MixedPrecision::No,
             seed: 0,
             step: StepSettings::default(),
@@ -141,6 +145,50 @@ impl TrainOptions {
                 "--checkpoints_total_limit must be at least 1 (leave it out to keep every checkpoint)"
                     .into(),
             ));
+        }
+        if self.max_consecutive_nan_skips == 0 {
+            return Err(Error::Arg(
+                "--max_consecutive_nan_skips must be at least 1".into(),
+            ));
+        }
+        // torch.optim.AdamW's own checks, in its words
+        let a = &self.adam;
+        let refused = [
+            (
+                !(self.learning_rate >= 0.0 && self.learning_rate.is_finite()),
+                format!(
+                    "Invalid learning rate: {:?} (--learning_rate)",
+                    self.learning_rate
+                ),
+            ),
+            (
+                !(a.eps >= 0.0 && a.eps.is_finite()),
+                format!("Invalid epsilon value: {:?} (--adam_epsilon)", a.eps),
+            ),
+            (
+                !(0.0..1.0).contains(&a.beta1),
+                format!(
+                    "Invalid beta parameter at index 0: {:?} (--adam_beta1 must be in [0, 1))",
+                    a.beta1
+                ),
+            ),
+            (
+                !(0.0..1.0).contains(&a.beta2),
+                format!(
+                    "Invalid beta parameter at index 1: {:?} (--adam_beta2 must be in [0, 1))",
+                    a.beta2
+                ),
+            ),
+            (
+                !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()),
+                format!(
+                    "Invalid weight_decay value: {:?} (--adam_weight_decay)",
+                    a.weight_decay
+                ),
+            ),
+        ];
+        if let Some((_, msg)) = refused.into_iter().find(|(bad, _)| *bad) {
+            return Err(Error::Arg(msg));
         }
         if self.gradient_clip.is_nan() || self.gradient_clip <= 0.0 {
             return Err(Error::Arg("--gradient_clip must be positive".into()));

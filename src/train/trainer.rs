@@ -52,6 +52,9 @@ pub struct RunSummary {
     pub export_dir: PathBuf,
     pub validation_images: Vec<PathBuf>,
     pub resumed_from: Option<PathBuf>,
+    /// The signal (`"SIGTERM"`, `"SIGINT"`) that stopped the run early, after checkpointing its last step
+    /// (see [`crate::stop`]); `None` for a run that finished.
+    pub stopped_by: Option<&'static str>,
 }
 
 /// Latest logged values.
@@ -496,6 +499,11 @@ struct Trainer<'a> {
     validation_images: Vec<PathBuf>,
     /// The other ranks of a data-parallel run (`None`: a single process).
     group: Option<ProcessGroup>,
+    /// Steps skipped in a row for a non-finite gradient norm.
+    consecutive_skips: u64,
+    /// The global step the newest checkpoint on disk holds (the resumed one, or the last written).
+    checkpointed_step: Option<u64>,
+    stopped_by: Option<&'static str>,
 }
 
 impl<'a> Trainer<'a> {
@@ -627,6 +635,7 @@ impl<'a> Trainer<'a> {
             _ => fresh_state(opts, store_rows),
         };
         let student_config = checkpoint::student_config_json(&teacher_dir)?;
+        let resumed_step = resume_dir.is_some().then_some(state.global_step);
 
         // output folder: config, metrics continued without duplicates
         let metrics = if main {
@@ -678,6 +687,9 @@ impl<'a> Trainer<'a> {
             checkpoints: Vec::new(),
             validation_images: Vec::new(),
             group,
+            consecutive_skips: 0,
+            checkpointed_step: resumed_step,
+            stopped_by: None,
         })
     }
 
@@ -685,8 +697,13 @@ impl<'a> Trainer<'a> {
     /// its log line, checkpoint and validation; then the export.
     fn train(mut self) -> Result<RunSummary> {
         while self.state.global_step < self.max_train_steps {
-            if self.opts.profile && self.micro == 0 {
-                profile::start(&self.opts.device)?;
+            if self.micro == 0 {
+                if let Some(signal) = self.stop_requested()? {
+                    return self.stop(signal);
+                }
+                if self.opts.profile {
+                    profile::start(&self.opts.device)?;
+                }
             }
             let batch = self.loader.next_batch()?;
             self.last.latent_shape = Some(batch.latent_shape);
@@ -828,6 +845,7 @@ impl<'a> Trainer<'a> {
             }
         };
         drop(grads);
+        self.consecutive_skips = 0;
         self.state.phase = phase.other();
         self.state.global_step += 1;
         Ok(Some(SyncedStep {
@@ -837,8 +855,84 @@ impl<'a> Trainer<'a> {
         }))
     }
 
-    /// Records a step skipped for a non-finite gradient norm (the phase stays, the step does not count).
+    /// Whether a stop signal reached this process (or, in a multi-process run, any rank: all stop at the
+    /// same step).
+    fn stop_requested(&mut self) -> Result<Option<&'static str>> {
+        let local = crate::stop::requested();
+        let Some(group) = self.group.as_mut() else {
+            return Ok(local);
+        };
+        let mut any = [f64::from(u8::from(local.is_some()))];
+        group.ring().all_reduce_sum(&mut any)?;
+        Ok((any[0] > 0.0).then_some(local.unwrap_or("a signal to another rank")))
+    }
+
+    /// A polite stop: the last completed step is checkpointed (unless it already is) and the run ends without
+    /// its export.
+    fn stop(mut self, signal: &'static str) -> Result<RunSummary> {
+        self.bar.finish_and_clear();
+        if self.state.global_step > 0 && self.checkpointed_step != Some(self.state.global_step) {
+            self.write_checkpoint()?;
+        }
+        self.stopped_by = Some(signal);
+        Ok(self.summary())
+    }
+
+    /// The newest checkpoint in the output folder, for messages.
+    fn last_good_checkpoint(&self) -> String {
+        match checkpoint::latest(&self.opts.output_dir) {
+            Ok(Some(dir)) => format!(
+                "the last good checkpoint is {} (continue from it with --resume_from_checkpoint {0} and, \
+                 e.g., a lower --learning_rate or --gradient_clip)",
+                dir.display()
+            ),
+            _ => "no checkpoint was written before it (lower --learning_rate or --gradient_clip and start \
+                  again)"
+                .into(),
+        }
+    }
+
+    /// Refuses to write weights that hold NaN/Inf: the run has diverged.
+    fn check_finite_weights(&self) -> Result<()> {
+        let named = self
+            .student
+            .named_vars()
+            .into_iter()
+            .chain(self.heads.named_vars());
+        for (name, var) in named {
+            let t = var.as_tensor();
+            // x - x is 0 for every finite x and NaN for NaN and ±Inf; a sum of zeros is exactly 0
+            #[allow(clippy::eq_op)]
+            let probe = (t - t)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            if probe != 0.0 {
+                return Err(Error::Diverged(format!(
+                    "after global step {} the weights hold NaN/Inf (first: {name}); nothing was written; {}",
+                    self.state.global_step,
+                    self.last_good_checkpoint()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a step skipped for a non-finite gradient norm (the phase stays, the step does not count);
+    /// after `--max_consecutive_nan_skips` in a row the run stops as diverged.
     fn skip_non_finite(&mut self, phase: Phase) -> Result<()> {
+        self.consecutive_skips += 1;
+        if self.consecutive_skips >= self.opts.max_consecutive_nan_skips {
+            return Err(Error::Diverged(format!(
+                "{} steps in a row had a NaN/Inf gradient norm (phase {}, global step {}; \
+                 --max_consecutive_nan_skips {}): the run has diverged; {}",
+                self.consecutive_skips,
+                phase.name(),
+                self.state.global_step,
+                self.opts.max_consecutive_nan_skips,
+                self.last_good_checkpoint()
+            )));
+        }
         let state = &mut self.state;
         state.nan_skips += 1;
         tracing::warn!(
@@ -953,7 +1047,14 @@ impl<'a> Trainer<'a> {
         {
             return Ok(());
         }
+        self.write_checkpoint()
+    }
+
+    /// Writes `checkpoint-{step}` of the current step (rank 0; the other ranks wait for it).
+    fn write_checkpoint(&mut self) -> Result<()> {
+        self.check_finite_weights()?;
         self.check_replicas()?;
+        self.checkpointed_step = Some(self.state.global_step);
         if !self.is_main() {
             // rank 0 writes; the others wait until the checkpoint is complete
             return self.barrier();
@@ -964,6 +1065,7 @@ impl<'a> Trainer<'a> {
             |dir| {
                 let named = student_tensors(&self.student);
                 checkpoint::save_student(dir, &self.student_config, &named, DType::F32)?;
+                abort_in_checkpoint_hook();
                 self.heads.save(&dir.join(checkpoint::HEADS_FILE))?;
                 self.opt_g.save_state(dir.join(checkpoint::OPTIM_G_FILE))?;
                 self.opt_d.save_state(dir.join(checkpoint::OPTIM_D_FILE))?;
@@ -1017,6 +1119,7 @@ impl<'a> Trainer<'a> {
     /// The final diffusers export of the student (f32 with `--upcast_before_saving`, else the compute dtype),
     /// the heads, and the final validation images.
     fn export(&mut self) -> Result<()> {
+        self.check_finite_weights()?;
         if !self.is_main() {
             return self.barrier();
         }
@@ -1055,7 +1158,23 @@ impl<'a> Trainer<'a> {
             export_dir: self.opts.output_dir.join(checkpoint::TRANSFORMER_DIR),
             validation_images: self.validation_images,
             resumed_from: self.resumed_from,
+            stopped_by: self.stopped_by,
         }
+    }
+}
+
+/// Test hook of the chaos test: `SPRINT_TRAIN_ABORT_IN_CHECKPOINT=N` aborts the process (as a kill would) in
+/// the middle of its N-th checkpoint write, after the student's weights are written and before the rest.
+fn abort_in_checkpoint_hook() {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(n) = std::env::var("SPRINT_TRAIN_ABORT_IN_CHECKPOINT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    if WRITES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+        std::process::abort();
     }
 }
 

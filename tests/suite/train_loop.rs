@@ -227,7 +227,7 @@ pub(crate) fn relative_update_error(
 }
 
 /// The metric lines of a run, in order.
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+pub(crate) fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -236,7 +236,7 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Asserts two safetensors files hold the same names with bit-identical values.
-fn assert_identical(a: &Path, b: &Path) {
+pub(crate) fn assert_identical(a: &Path, b: &Path) {
     let (ta, tb) = (tensors(a), tensors(b));
     let mut names: Vec<_> = ta.keys().cloned().collect();
     names.sort();
