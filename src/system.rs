@@ -33,6 +33,47 @@ pub fn cpu_seconds() -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// Bytes available to this user on the filesystem holding `path` (or its nearest existing ancestor).
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let mut probe = Some(path);
+    while let Some(p) = probe {
+        if p.exists() {
+            let st = rustix::fs::statvfs(p).ok()?;
+            return Some(st.f_bavail.saturating_mul(st.f_frsize));
+        }
+        probe = p.parent();
+    }
+    None
+}
+
+/// Total size of the files under `dir` (0 when it does not exist).
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
+
+/// "1.2 MiB", "340 KiB", "12 B".
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1073741824.0 {
+        format!("{:.1} GiB", b / 1073741824.0)
+    } else if b >= 1048576.0 {
+        format!("{:.1} MiB", b / 1048576.0)
+    } else if b >= 1024.0 {
+        format!("{:.0} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser};
 use serde::Serialize;
 
 use super::{datasets_dir, fill, num, nums, value_name, DEVICE_DEFAULT};
@@ -15,8 +15,8 @@ use crate::hub::{self, HubConfig};
 use crate::models::sana::SelfAttention;
 use crate::models::student::GuidanceInit;
 use crate::train::optim::LrScheduleKind;
-use crate::train::options::{TrainOptions, DEFAULT_OUTPUT_DIR};
-use crate::Result;
+use crate::train::options::{ReportTo, TrainOptions, DEFAULT_OUTPUT_DIR};
+use crate::{Error, Result};
 
 /// The flags as given. Tunables are `None` when not passed; [`TrainArgs::options`] fills them from the
 /// library defaults (and writes the filled values back, so `train_config.json` records every value in effect).
@@ -25,146 +25,200 @@ use crate::Result;
 pub struct TrainArgs {
     /// Teacher pipeline folder (transformer/; vae/, text_encoder/, tokenizer/ for validation and the store
     /// check) or a hub id (HF cache first; downloaded only when HF_HUB_OFFLINE is not set).
-    #[arg(long, required_unless_present = "demo")]
+    #[arg(
+        long,
+        required_unless_present = "demo",
+        help_heading = "Model and data"
+    )]
     pub pretrained_model_name_or_path: Option<String>,
     /// The latent store written by sprint-prep (replaces --dataset_name/--file_path: nothing is encoded per step).
-    #[arg(long, required_unless_present = "demo")]
+    #[arg(long, help_heading = "Model and data")]
     pub latents: Option<PathBuf>,
     /// Checkpoints, the exported student, validation images and metrics.
-    #[arg(long)]
+    #[arg(long, help_heading = "Model and data")]
     pub output_dir: Option<PathBuf>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Batches and length")]
     pub train_batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Batches and length")]
     pub num_train_epochs: Option<u64>,
     /// Global steps (G and D steps together); overrides --num_train_epochs.
-    #[arg(long)]
+    #[arg(long, help_heading = "Batches and length")]
     pub max_train_steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Batches and length")]
     pub gradient_accumulation_steps: Option<usize>,
     /// Recompute student blocks in backward instead of keeping their activations.
-    #[arg(long)]
+    #[arg(long, help_heading = "Batches and length")]
     pub gradient_checkpointing: bool,
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub learning_rate: Option<f64>,
     /// lr *= gradient_accumulation_steps * train_batch_size.
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub scale_lr: bool,
     /// Learning-rate schedule of the G optimiser (diffusers' get_scheduler names).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Optimiser")]
     pub lr_scheduler: Option<LrScheduleKind>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub lr_warmup_steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub lr_num_cycles: Option<u64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub lr_power: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub adam_beta1: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub adam_beta2: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub adam_weight_decay: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub adam_epsilon: Option<f64>,
     /// Max global gradient norm (both phases).
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub gradient_clip: Option<f64>,
     /// Stop the run as diverged after this many steps in a row with a NaN/Inf gradient norm (each is skipped);
     /// the error names the last good checkpoint.
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimiser")]
     pub max_consecutive_nan_skips: Option<u64>,
     /// bf16: models compute in bf16 over f32 master weights and f32 optimiser state; no: all f32.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Device and speed")]
     pub mixed_precision: Option<MixedPrecision>,
     /// Seed of initialisation, shuffling and every per-step draw.
-    #[arg(long)]
+    #[arg(long, help_heading = "Batches and length")]
     pub seed: Option<u64>,
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        help_heading = "Distillation (sCM + LADD)"
+    )]
     pub logit_mean: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub logit_std: Option<f64>,
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        help_heading = "Distillation (sCM + LADD)"
+    )]
     pub logit_mean_discriminator: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub logit_std_discriminator: Option<f64>,
     /// Teacher blocks read by the discriminator heads.
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., help_heading = "Distillation (sCM + LADD)")]
     pub head_block_ids: Option<Vec<usize>>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub adv_lambda: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub scm_lambda: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub sigma_data: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub tangent_warmup_steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub guidance_embeds_scale: Option<f64>,
     /// Teacher CFG scales, one drawn uniformly per sample.
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., help_heading = "Distillation (sCM + LADD)")]
     pub scm_cfg_scale: Option<Vec<f64>>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub train_largest_timestep: bool,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub largest_timestep: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Distillation (sCM + LADD)")]
     pub largest_timestep_prob: Option<f64>,
     /// Add misaligned (image, prompt) pairs as fakes in the D phase (needs batch > 1).
-    #[arg(long = "misaligned_pairs_D")]
+    #[arg(
+        long = "misaligned_pairs_D",
+        help_heading = "Distillation (sCM + LADD)"
+    )]
     pub misaligned_pairs_d: bool,
     /// Save a checkpoint every this many global steps.
-    #[arg(long)]
+    #[arg(long, help_heading = "Checkpoints and export")]
     pub checkpointing_steps: Option<u64>,
     /// Keep only the newest N checkpoints (default: keep all).
-    #[arg(long)]
+    #[arg(long, help_heading = "Checkpoints and export")]
     pub checkpoints_total_limit: Option<usize>,
     /// `latest` or a checkpoint folder; `latest` with no checkpoint starts fresh.
-    #[arg(long)]
+    #[arg(long, help_heading = "Checkpoints and export")]
     pub resume_from_checkpoint: Option<String>,
     /// Prompts for validation images (each gets --num_validation_images samples).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., help_heading = "Validation")]
     pub validation_prompt: Vec<String>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Validation")]
     pub num_validation_images: Option<usize>,
     /// Validate every this many global steps (always at the end when prompts are given).
-    #[arg(long)]
+    #[arg(long, help_heading = "Validation")]
     pub validation_steps: Option<u64>,
     /// Validation image size HxW in pixels (e.g. 1024x576; a single number is a square); repeat for one grid
     /// per size. Default: the store's resolution, square.
-    #[arg(long, value_parser = parse_hw)]
+    #[arg(long, value_parser = parse_hw, help_heading = "Validation")]
     pub validation_resolution: Vec<(usize, usize)>,
     /// TrigFlow times of the SCM sampler (1–4 steps; two values = the pipeline's 2 steps).
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., help_heading = "Validation")]
     pub validation_timesteps: Option<Vec<f64>>,
     /// Save the final student in f32 (default: the training compute dtype).
-    #[arg(long)]
+    #[arg(long, help_heading = "Checkpoints and export")]
     pub upcast_before_saving: bool,
     /// Train on a store whose VAE/text-encoder fingerprints differ from the teacher folder's.
-    #[arg(long)]
+    #[arg(long, help_heading = "Model and data")]
     pub allow_store_mismatch: bool,
     /// Time every stage of each step (loader wait, teacher CFG, JVP, student forward, LADD, backward,
     /// optimiser, ...) with device-synchronised timers and write them to metrics.jsonl as "stages"; the
     /// synchronisations make profiled steps slightly slower.
-    #[arg(long)]
+    #[arg(long, help_heading = "Device and speed")]
     pub profile: bool,
     /// learnable: linear_1.weight ~ N(0, 0.02), the rest zero (the guidance embedding can learn); zero: all
     /// zero, as the diffusers script (only linear_2.bias ever learns).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Distillation (sCM + LADD)")]
     pub guidance_init: Option<GuidanceInit>,
     /// linear: ReLU linear attention, as the teacher and inference (recommended); softmax: the diffusers
     /// script's processor swap (for parity studies).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Distillation (sCM + LADD)")]
     pub self_attention: Option<SelfAttention>,
     /// cpu, cuda or cuda:N.
-    #[arg(long)]
+    #[arg(long, help_heading = "Device and speed")]
     pub device: Option<String>,
     /// Batches prepared ahead by the store loader.
-    #[arg(long)]
+    #[arg(long, help_heading = "Device and speed")]
     pub dataloader_num_workers: Option<usize>,
     /// No progress bar (for logs).
-    #[arg(long)]
+    #[arg(long, help_heading = "Logging")]
     pub no_progress: bool,
+    /// Where TensorBoard event files go: a path relative to --output_dir, or absolute.
+    #[arg(long, help_heading = "Logging")]
+    pub logging_dir: Option<PathBuf>,
+    /// tensorboard: event files with every metrics.jsonl scalar and the validation images under --logging_dir;
+    /// none: metrics.jsonl only. (wandb and comet_ml import TensorBoard logs; they are not built in.)
+    #[arg(long, help_heading = "Logging")]
+    pub report_to: Option<String>,
+    /// Let f32 matrix products use TF32 on CUDA GPUs (faster, ~1e-3 relative rounding); no effect on the CPU.
+    #[arg(long, help_heading = "Device and speed")]
+    pub allow_tf32: bool,
+    /// Revision (branch, tag or commit) of a hub teacher.
+    #[arg(long, help_heading = "Hub")]
+    pub revision: Option<String>,
+    /// Hugging Face cache folder for a hub teacher (default: HF_HUB_CACHE / HF_HOME, ~/.cache/huggingface/hub).
+    #[arg(long, help_heading = "Hub")]
+    pub cache_dir: Option<PathBuf>,
+    /// AdamW (the only optimiser; the reference's default). Other names are refused.
+    #[arg(long, help_heading = "Optimiser")]
+    pub optimizer: Option<String>,
+    /// Reference-script compatibility: checked against the store (the shard files the store must hold rows of;
+    /// encoding itself is sprint-prep's job).
+    #[arg(long, num_args = 1.., help_heading = REFERENCE_HEADING)]
+    pub file_path: Vec<String>,
+    /// Reference-script compatibility: accepted with --latents (the store records what was encoded).
+    #[arg(long, help_heading = REFERENCE_HEADING)]
+    pub dataset_name: Option<String>,
+    /// Reference-script compatibility: must equal the store's resolution.
+    #[arg(long, help_heading = REFERENCE_HEADING)]
+    pub resolution: Option<u32>,
+    /// Reference-script compatibility: must equal the store's max_sequence_length.
+    #[arg(long, help_heading = REFERENCE_HEADING)]
+    pub max_sequence_length: Option<usize>,
+    /// Reference-script compatibility (torchrun's legacy flag): the LOCAL_RANK variable wins, as in the reference.
+    #[arg(long, allow_hyphen_values = true, help_heading = REFERENCE_HEADING)]
+    pub local_rank: Option<i64>,
+    /// Reference flags sprint-train refuses (filled by parsing; see [`REFUSED`]).
+    #[arg(skip)]
+    #[serde(skip)]
+    pub refused: Vec<&'static str>,
     /// Train the embedded tiny teacher on the demo store (run `sprint-prep --demo` first): a few CPU steps
     /// writing checkpoints, validation images and metrics to demo-output/train (a rerun resumes it). Flags
     /// passed explicitly keep their values.
@@ -174,6 +228,110 @@ pub struct TrainArgs {
 
 /// The flags required unless `--demo`.
 const REQUIRED: [&str; 2] = ["pretrained_model_name_or_path", "latents"];
+
+/// `--help` heading of the reference script's flags that sprint-train accepts for compatibility.
+const REFERENCE_HEADING: &str = "Flags of train_sana_sprint_diffusers.py";
+
+/// `--help` heading of the reference script's flags that sprint-train refuses.
+const REFUSED_HEADING: &str = "Flags of train_sana_sprint_diffusers.py that sprint-train refuses";
+
+const ENCODING: &str = "encoding happens in sprint-prep: run `sprint-prep --pretrained_model_name_or_path TEACHER \
+                        --file_path SHARDS... --output STORE` (it takes --image_column, --caption_column, \
+                        --max_sequence_length and --resolution) and pass `--latents STORE`";
+const NO_HUB: &str =
+    "sprint-train does not upload: after training, run `hf upload HUB_MODEL_ID OUTPUT_DIR` \
+                      (huggingface_hub's CLI)";
+const NO_PRODIGY: &str =
+    "Prodigy is not available: sprint-train uses AdamW (the reference's default); remove the flag";
+
+/// The reference script's flags that sprint-train refuses: (flag, takes a value, what to do instead). Each is
+/// accepted by the parser (so that a copied reference command gets this line, not a generic "unexpected
+/// argument") and refused by [`TrainArgs::resolve`].
+pub const REFUSED: &[(&str, bool, &str)] = &[
+    ("image_column", true, ENCODING),
+    ("caption_column", true, ENCODING),
+    (
+        "center_crop",
+        false,
+        "unused by the reference script (it always centre-crops, as sprint-prep does); remove the flag",
+    ),
+    (
+        "random_flip",
+        false,
+        "unused by the reference script (it never flips); remove the flag",
+    ),
+    (
+        "use_fix_crop_and_size",
+        false,
+        "unused by the reference script; remove the flag",
+    ),
+    (
+        "repeats",
+        true,
+        "unused by the reference script; lengthen the run with --num_train_epochs or --max_train_steps",
+    ),
+    (
+        "cache_latents",
+        false,
+        "latents are always cached here: that is the store sprint-prep writes; remove the flag",
+    ),
+    (
+        "sample_batch_size",
+        true,
+        "unused by the reference script; remove the flag",
+    ),
+    (
+        "validation_epochs",
+        true,
+        "validation runs every --validation_steps global steps (and at the end); one epoch is \
+         ceil(rows / (train_batch_size x gradient_accumulation_steps)) global steps",
+    ),
+    (
+        "ladd_multi_scale",
+        false,
+        "the reference only reads it when --head_block_ids is empty; choose the teacher blocks with \
+         --head_block_ids",
+    ),
+    (
+        "use_8bit_adam",
+        false,
+        "8-bit Adam (bitsandbytes) is not available: the optimiser state is f32 AdamW; remove the flag",
+    ),
+    ("prodigy_beta3", true, NO_PRODIGY),
+    ("prodigy_decouple", true, NO_PRODIGY),
+    ("prodigy_use_bias_correction", true, NO_PRODIGY),
+    ("prodigy_safeguard_warmup", true, NO_PRODIGY),
+    (
+        "max_grad_norm",
+        true,
+        "the reference ignores it too: gradients are clipped to --gradient_clip (default 0.1)",
+    ),
+    ("push_to_hub", false, NO_HUB),
+    ("hub_token", true, NO_HUB),
+    ("hub_model_id", true, NO_HUB),
+    (
+        "offload",
+        false,
+        "not needed: training never holds the VAE or the text encoder (sprint-prep used them once; validation \
+         loads only the VAE, or the text encoder when prompts are given here); remove the flag",
+    ),
+    (
+        "enable_vae_tiling",
+        false,
+        "validation decodes whole images (no tiling); remove the flag",
+    ),
+    (
+        "enable_npu_flash_attention",
+        false,
+        "NPUs are not supported (--device cpu, cuda or cuda:N)",
+    ),
+    (
+        "variant",
+        true,
+        "sprint-train loads the teacher's default weight files (diffusion_pytorch_model.safetensors); \
+         download the pipeline without --variant and remove the flag",
+    ),
+];
 
 /// The library default of every tunable, as `--help` and the README show it (arg id, value).
 fn tunables() -> Vec<(&'static str, String)> {
@@ -234,23 +392,63 @@ fn tunables() -> Vec<(&'static str, String)> {
         ("guidance_init", value_name(&o.guidance_init)),
         ("self_attention", value_name(&o.self_attention)),
         ("device", DEVICE_DEFAULT.to_string()),
+        ("logging_dir", o.logging_dir.display().to_string()),
+        ("report_to", o.report_to.name().to_string()),
         ("dataloader_num_workers", o.prefetch.to_string()),
     ]
 }
 
-/// The clap command, with each tunable's library default in its help.
+/// The clap command, with each tunable's library default in its help, and the refused reference flags.
 pub fn command() -> clap::Command {
-    super::with_defaults(TrainArgs::command(), &tunables())
+    let mut cmd = super::with_defaults(TrainArgs::command(), &tunables());
+    for &(name, takes_value, instead) in REFUSED {
+        let arg = clap::Arg::new(name)
+            .long(name)
+            .help_heading(REFUSED_HEADING)
+            .help(instead.split(':').next().unwrap_or(instead).to_string());
+        cmd = cmd.arg(if takes_value {
+            arg.num_args(0..)
+                .allow_hyphen_values(true)
+                .action(clap::ArgAction::Append)
+        } else {
+            arg.num_args(0..=1).action(clap::ArgAction::Append)
+        });
+    }
+    cmd
 }
 
-/// Every long flag with the default `--help` shows (library values; `off`, `required`, `–` otherwise).
+/// Every long flag with the default `--help` shows (library values; `off`, `required`, `–` otherwise); the
+/// refused reference flags are not among them (see [`REFUSED`]).
 pub fn shown_defaults() -> Vec<(String, String)> {
-    super::defaults_of(&command(), &tunables(), &REQUIRED)
+    let cmd = command();
+    let refused: Vec<&str> = REFUSED.iter().map(|(n, _, _)| *n).collect();
+    super::defaults_of(&cmd, &tunables(), &REQUIRED)
+        .into_iter()
+        .filter(|(flag, _)| !refused.contains(&flag.as_str()))
+        .collect()
 }
 
 impl super::CliArgs for TrainArgs {
     fn command() -> clap::Command {
         command()
+    }
+
+    fn try_parse_args<I, S>(args: I) -> std::result::Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString> + Clone,
+    {
+        let mut cmd = command();
+        let matches = cmd.try_get_matches_from_mut(args)?;
+        let mut parsed = Self::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))?;
+        parsed.refused = REFUSED
+            .iter()
+            .filter(|(name, _, _)| {
+                matches.value_source(name) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|(name, _, _)| *name)
+            .collect();
+        Ok(parsed)
     }
 }
 
@@ -286,13 +484,49 @@ impl TrainArgs {
     /// `--demo` settings and then the library defaults fill every tunable not passed; the filled flags are
     /// recorded in `config_json` (`train_config.json`).
     pub fn resolve(mut self) -> Result<TrainOptions> {
+        if let Some(name) = self.refused.first() {
+            let (_, _, instead) = REFUSED.iter().find(|(n, _, _)| n == name).expect("listed");
+            return Err(Error::Arg(format!("--{name}: {instead}")));
+        }
         self.apply_demo();
         let a = &mut self;
-        let teacher = a
-            .pretrained_model_name_or_path
-            .clone()
-            .expect("required unless --demo");
-        let latents = a.latents.clone().expect("required unless --demo");
+        if let Some(o) = a
+            .optimizer
+            .as_deref()
+            .filter(|o| !o.eq_ignore_ascii_case("adamw"))
+        {
+            return Err(Error::Arg(format!(
+                "--optimizer {o}: sprint-train trains with AdamW (the reference's default) only"
+            )));
+        }
+        let report_to = match a.report_to.as_deref().unwrap_or("tensorboard") {
+            "tensorboard" => ReportTo::Tensorboard,
+            "none" => ReportTo::None,
+            other => {
+                return Err(Error::Arg(format!(
+                    "--report_to {other}: sprint-train writes TensorBoard event files (--report_to tensorboard, \
+                     the default) and metrics.jsonl; wandb and comet_ml can import TensorBoard logs \
+                     (e.g. `wandb sync --sync-tensorboard OUTPUT_DIR/logs`). Use tensorboard or none"
+                )))
+            }
+        };
+        a.report_to = Some(report_to.name().into());
+        let teacher = a.pretrained_model_name_or_path.clone().ok_or_else(|| {
+            Error::Arg("--pretrained_model_name_or_path is required (or --demo)".into())
+        })?;
+        let latents = match a.latents.clone() {
+            Some(latents) => latents,
+            None if !a.file_path.is_empty() || a.dataset_name.is_some() => {
+                return Err(Error::Arg(format!(
+                    "--file_path/--dataset_name without --latents: {ENCODING}"
+                )))
+            }
+            None => {
+                return Err(Error::Arg(format!(
+                    "--latents STORE is required: {ENCODING}"
+                )))
+            }
+        };
         let output_dir = fill(&mut a.output_dir, &PathBuf::from(DEFAULT_OUTPUT_DIR));
         let mut o = TrainOptions::new(PathBuf::from(teacher), latents, output_dir);
         o.train_batch_size = fill(&mut a.train_batch_size, &o.train_batch_size);
@@ -348,6 +582,22 @@ impl TrainArgs {
         o.validation_resolutions = a.validation_resolution.clone();
         o.upcast_before_saving = a.upcast_before_saving;
         o.allow_store_mismatch = a.allow_store_mismatch;
+        o.report_to = report_to;
+        o.logging_dir = fill(&mut a.logging_dir, &o.logging_dir);
+        o.allow_tf32 = a.allow_tf32;
+        o.expect_store = crate::train::options::StoreExpectations {
+            resolution: a.resolution,
+            max_sequence_length: a.max_sequence_length,
+            shards: a
+                .file_path
+                .iter()
+                .map(|f| {
+                    std::path::Path::new(f)
+                        .file_name()
+                        .map_or_else(|| f.clone(), |n| n.to_string_lossy().into_owned())
+                })
+                .collect(),
+        };
         o.profile = a.profile;
         o.dist = crate::dist::LaunchEnv::from_env()?;
         let device = fill(&mut a.device, &device::default_device().to_string());
@@ -365,10 +615,16 @@ impl TrainArgs {
 
     /// [`TrainArgs::resolve`], with the teacher looked up locally, in the HF cache or on the hub.
     pub fn options(self) -> Result<TrainOptions> {
+        let mut hubc = HubConfig::from_env();
+        if let Some(revision) = &self.revision {
+            hubc.revision = revision.clone();
+        }
+        if let Some(cache) = &self.cache_dir {
+            hubc.cache_dir = cache.clone();
+        }
         let mut o = self.resolve()?;
         let name = o.pretrained_model_name_or_path.display().to_string();
-        o.pretrained_model_name_or_path =
-            hub::resolve_model(&name, &["transformer"], &HubConfig::from_env())?.root;
+        o.pretrained_model_name_or_path = hub::resolve_model(&name, &["transformer"], &hubc)?.root;
         Ok(o)
     }
 }

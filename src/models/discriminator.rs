@@ -434,8 +434,10 @@ impl DiscHeads {
     /// Writes every head tensor, buffers included, under its state-dict name.
     pub fn save(&self, path: &Path) -> Result<()> {
         let tensors: HashMap<String, Tensor> = self.named_tensors().into_iter().collect();
-        candle_core::safetensors::save(&tensors, path)
-            .map_err(|e| Error::model(path, format!("cannot write the heads: {e}")))
+        crate::train::checkpoint::write_file_atomically(path, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp)
+                .map_err(|e| Error::model(path, format!("cannot write the heads: {e}")))
+        })
     }
 
     pub fn heads(&self) -> &[DiscHead] {

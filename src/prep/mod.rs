@@ -790,7 +790,19 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
                 || (force_commit && writer.pending_len() > 0)
             {
                 leases.check_not_lost()?;
-                report.rows_written += writer.commit()?;
+                let rows = writer.pending_len();
+                report.rows_written += writer.commit().map_err(|e| {
+                    e.on_full_disk(
+                        &opts.output,
+                        None,
+                        &format!(
+                            "the commit of {rows} row(s) failed and the store is unchanged since its last \
+                             commit ({} row(s) written by this run); free some space and rerun the same \
+                             command: it encodes only the rows the store lacks",
+                            report.rows_written
+                        ),
+                    )
+                })?;
                 commits += 1;
                 if kill_after == Some(commits) {
                     std::process::abort();

@@ -190,7 +190,11 @@ pub fn write_atomically(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    fill(&tmp)?;
+    if let Err(e) = fill(&tmp) {
+        // nothing of a failed save is left behind (a full disk gets its space back)
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let dest = output_dir.join(name);
     if dest.exists() {
         let old = output_dir.join(format!("{name}{TEMP_MARK}old-{}", std::process::id()));
@@ -218,14 +222,30 @@ pub fn student_config_json(teacher_transformer_dir: &Path) -> Result<serde_json:
     Ok(config)
 }
 
-/// Writes named tensors (cast to `dtype`) as one safetensors file.
+/// Writes `path` through `path.tmp` and a rename: the file is whole or absent (an earlier version stays
+/// until the new one is complete), and a failed write leaves no temporary file.
+pub fn write_file_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let written =
+        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Writes named tensors (cast to `dtype`) as one safetensors file (atomically: see [`write_file_atomically`]).
 pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
     let map = tensors
         .iter()
         .map(|(name, t)| Ok((name.clone(), t.to_dtype(dtype)?.contiguous()?)))
         .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    candle_core::safetensors::save(&map, path)
-        .map_err(|e| Error::model(path, format!("cannot write safetensors: {e}")))
+    write_file_atomically(path, |tmp| {
+        candle_core::safetensors::save(&map, tmp)
+            .map_err(|e| Error::model(path, format!("cannot write safetensors: {e}")))
+    })
 }
 
 /// Writes the student: `dir/transformer/` (diffusers layout, backbone tensors only) and `dir/logvar_linear.safetensors`.
@@ -243,7 +263,9 @@ pub fn save_student(
     std::fs::create_dir_all(&tdir).map_err(|e| Error::io(&tdir, e))?;
     let cpath = tdir.join("config.json");
     let text = serde_json::to_string_pretty(config).expect("a JSON value serialises");
-    std::fs::write(&cpath, text).map_err(|e| Error::io(&cpath, e))?;
+    write_file_atomically(&cpath, |tmp| {
+        std::fs::write(tmp, text).map_err(|e| Error::io(&cpath, e))
+    })?;
     save_tensors(&tdir.join(TRANSFORMER_WEIGHTS), &backbone, dtype)?;
     save_tensors(&dir.join(LOGVAR_FILE), &logvar, dtype)
 }

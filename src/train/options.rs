@@ -55,6 +55,15 @@ pub struct TrainOptions {
     pub validation_resolutions: Vec<(usize, usize)>,
     pub upcast_before_saving: bool,
     pub allow_store_mismatch: bool,
+    /// Where metrics go besides `metrics.jsonl`.
+    pub report_to: ReportTo,
+    /// TensorBoard's folder: relative to `output_dir`, or absolute.
+    pub logging_dir: PathBuf,
+    /// f32 matrix products may use TF32 on CUDA.
+    pub allow_tf32: bool,
+    /// What the reference-script flags `--resolution`, `--max_sequence_length`, `--file_path` say the store
+    /// must hold (checked at start).
+    pub expect_store: StoreExpectations,
     pub device: Device,
     pub prefetch: usize,
     pub progress: bool,
@@ -74,7 +83,38 @@ pub struct TrainOptions {
     pub kill_after_step: Option<u64>,
 }
 
+/// `--report_to`: TensorBoard event files (the reference's default), or nothing besides `metrics.jsonl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportTo {
+    Tensorboard,
+    None,
+}
+
+impl ReportTo {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReportTo::Tensorboard => "tensorboard",
+            ReportTo::None => "none",
+        }
+    }
+}
+
+/// The store a command line copied from the reference script expects (`--resolution`,
+/// `--max_sequence_length`, `--file_path`); empty: no expectation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreExpectations {
+    pub resolution: Option<u32>,
+    pub max_sequence_length: Option<usize>,
+    /// Shard file names the store must hold rows of (row ids are `{shard file name}#{row}`).
+    pub shards: Vec<String>,
+}
+
 impl TrainOptions {
+    /// The TensorBoard folder of the run.
+    pub fn tensorboard_dir(&self) -> PathBuf {
+        self.output_dir.join(&self.logging_dir)
+    }
+
     /// Defaults of the reference script for everything but the paths.
     pub fn new(teacher: PathBuf, latents: PathBuf, output_dir: PathBuf) -> Self {
         Self {
@@ -111,6 +151,10 @@ impl TrainOptions {
             validation_timesteps: vec![step::LARGEST_TIMESTEP, 1.3],
             upcast_before_saving: false,
             allow_store_mismatch: false,
+            report_to: ReportTo::Tensorboard,
+            logging_dir: PathBuf::from("logs"),
+            allow_tf32: false,
+            expect_store: StoreExpectations::default(),
             device: Device::Cpu,
             prefetch: 4,
             progress: false,

@@ -24,11 +24,13 @@ use crate::models::weights::Weights;
 use crate::profile;
 use crate::rng::SeededRng;
 use crate::store::{compat, LatentStore};
+use crate::tensorboard::EventWriter;
 use crate::train::checkpoint::{self, Phase, TrainerState, CHECKPOINT_VERSION};
 use crate::train::loader::{
     LoaderOptions, LoaderPosition, NegativePrompt, StoreLoader, TrainBatch,
 };
 use crate::train::optim::{clip_grad_norm, AdamW, LrSchedule};
+use crate::train::options::ReportTo;
 pub use crate::train::options::TrainOptions;
 use crate::train::step::{self, DiscriminatorDraws, GeneratorDraws, Models};
 use crate::train::validation::{ValidationSettings, Validator};
@@ -434,6 +436,80 @@ fn validator(opts: &TrainOptions, store: &crate::store::StoreConfig) -> Result<O
     )?))
 }
 
+/// The TensorBoard event file of a run starting after `step`: events after `step` left by an earlier process
+/// (a killed or stopped run that went further than its checkpoint) are dropped, as `metrics.jsonl` drops its
+/// lines, and a new file is started.
+fn open_tensorboard(opts: &TrainOptions, step: u64) -> Result<EventWriter> {
+    let dir = opts.tensorboard_dir();
+    if dir.is_dir() {
+        crate::tensorboard::purge_after(&dir, step as i64)?;
+    }
+    let mut writer = EventWriter::create(&dir)?;
+    writer.start_session(step as i64 + 1, wall_time())?;
+    Ok(writer)
+}
+
+/// Seconds since the Unix epoch (TensorBoard's wall time).
+fn wall_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The checks a command line copied from the reference script asks for: `--resolution` and
+/// `--max_sequence_length` are the store's, and every `--file_path` shard has rows in it.
+fn check_expectations(store: &LatentStore, opts: &TrainOptions) -> Result<()> {
+    let (want, config) = (&opts.expect_store, store.config());
+    let redo = |what: String| {
+        Error::store(
+            &opts.latents,
+            format!(
+                "{what}; encode the data again with sprint-prep (e.g. `sprint-prep --pretrained_model_name_or_path \
+                 TEACHER --file_path SHARDS... --resolution R --output NEW_STORE`) and pass --latents NEW_STORE"
+            ),
+        )
+    };
+    if let Some(r) = want.resolution.filter(|&r| r != config.resolution) {
+        return Err(redo(format!(
+            "--resolution {r}, but the store was encoded at {}",
+            config.resolution
+        )));
+    }
+    if let Some(l) = want
+        .max_sequence_length
+        .filter(|&l| l != config.max_sequence_length)
+    {
+        return Err(redo(format!(
+            "--max_sequence_length {l}, but the store's prompts were encoded with {}",
+            config.max_sequence_length
+        )));
+    }
+    if want.shards.is_empty() {
+        return Ok(());
+    }
+    let ids = crate::store::writer::stored_ids(&opts.latents)?;
+    let missing: Vec<&String> = want
+        .shards
+        .iter()
+        .filter(|shard| {
+            let prefix = format!("{shard}#");
+            !ids.iter().any(|id| id.starts_with(&prefix))
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::store(
+            &opts.latents,
+            format!(
+                "--file_path names {missing:?}, but the store holds no rows of them; add them with `sprint-prep \
+                 --pretrained_model_name_or_path TEACHER --file_path THOSE_FILES --output {}` (it appends only \
+                 rows the store lacks)",
+                opts.latents.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `output_dir/train_config.json`: the options of the run.
 fn write_train_config(opts: &TrainOptions) -> Result<()> {
     let path = opts.output_dir.join("train_config.json");
@@ -501,6 +577,8 @@ struct Trainer<'a> {
     group: Option<ProcessGroup>,
     /// Steps skipped in a row for a non-finite gradient norm.
     consecutive_skips: u64,
+    /// Rank 0's TensorBoard event file (`--report_to tensorboard`).
+    tensorboard: Option<EventWriter>,
     /// The global step the newest checkpoint on disk holds (the resumed one, or the last written).
     checkpointed_step: Option<u64>,
     stopped_by: Option<&'static str>,
@@ -573,6 +651,10 @@ impl<'a> Trainer<'a> {
             opts.allow_store_mismatch,
         )?;
         let store_rows = store.len()?;
+        check_expectations(&store, opts)?;
+        if opts.allow_tf32 {
+            candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        }
 
         let resume_dir = resume_dir(opts)?;
         let resumed = match &resume_dir {
@@ -652,6 +734,11 @@ impl<'a> Trainer<'a> {
         } else {
             Vec::new()
         };
+        let tensorboard = if main && opts.report_to == ReportTo::Tensorboard {
+            Some(open_tensorboard(opts, resumed_step.unwrap_or(0))?)
+        } else {
+            None
+        };
 
         let negative = NegativePrompt::repeated(loader.config(), opts.train_batch_size, device)?;
         let teacher_negative = step::negative_context(&teacher, &negative.embeds, &negative.mask)?;
@@ -688,6 +775,7 @@ impl<'a> Trainer<'a> {
             validation_images: Vec::new(),
             group,
             consecutive_skips: 0,
+            tensorboard,
             checkpointed_step: resumed_step,
             stopped_by: None,
         })
@@ -892,6 +980,18 @@ impl<'a> Trainer<'a> {
         }
     }
 
+    /// Bytes of the student and the heads in `dtype` (what an export writes; a checkpoint writes three times
+    /// the f32 size: weights and two AdamW moments).
+    fn weight_bytes(&self, dtype: DType) -> u64 {
+        let elems: usize = self
+            .student_vars
+            .iter()
+            .chain(&self.head_vars)
+            .map(|v| v.as_tensor().elem_count())
+            .sum();
+        (elems * dtype.size_in_bytes()) as u64
+    }
+
     /// Refuses to write weights that hold NaN/Inf: the run has diverged.
     fn check_finite_weights(&self) -> Result<()> {
         let named = self
@@ -941,13 +1041,22 @@ impl<'a> Trainer<'a> {
             state.global_step,
             state.nan_skips
         );
-        let Some(metrics) = self.metrics.as_mut() else {
-            return Ok(());
-        };
-        metrics.write(serde_json::json!({
+        let line = serde_json::json!({
             "step": state.global_step, "event": "nan_skip", "phase": phase.name(),
             "nan_skips": state.nan_skips, "batch": state.batches_consumed - 1,
-        }))
+        });
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.add_scalar(
+                "nan_skips",
+                state.global_step as i64,
+                state.nan_skips as f64,
+                wall_time(),
+            )?;
+        }
+        match self.metrics.as_mut() {
+            Some(metrics) => metrics.write(line),
+            None => Ok(()),
+        }
     }
 
     /// The step's metrics line and the progress bar.
@@ -1010,6 +1119,9 @@ impl<'a> Trainer<'a> {
                 line["stage_peak_gib"] = peaks.into();
             }
         }
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.add_scalars_from_json(state.global_step as i64, wall_time(), &line)?;
+        }
         if let Some(metrics) = self.metrics.as_mut() {
             metrics.write(line)?;
         }
@@ -1059,23 +1171,38 @@ impl<'a> Trainer<'a> {
             // rank 0 writes; the others wait until the checkpoint is complete
             return self.barrier();
         }
-        let dir = checkpoint::write_atomically(
-            &self.opts.output_dir,
-            &checkpoint::checkpoint_name(self.state.global_step),
-            |dir| {
-                let named = student_tensors(&self.student);
-                checkpoint::save_student(dir, &self.student_config, &named, DType::F32)?;
-                abort_in_checkpoint_hook();
-                self.heads.save(&dir.join(checkpoint::HEADS_FILE))?;
-                self.opt_g.save_state(dir.join(checkpoint::OPTIM_G_FILE))?;
-                self.opt_d.save_state(dir.join(checkpoint::OPTIM_D_FILE))?;
-                checkpoint::write_state(dir, &self.state)
-            },
-        )?;
+        let name = checkpoint::checkpoint_name(self.state.global_step);
+        let out = &self.opts.output_dir;
+        let previous = checkpoint::latest(out)?;
+        let needed = previous
+            .as_deref()
+            .map(crate::system::dir_bytes)
+            .filter(|&b| b > 0)
+            .unwrap_or_else(|| 3 * self.weight_bytes(DType::F32));
+        let remedy = format!(
+            "nothing of it was kept; the newest complete checkpoint is {}. Free some space (or lower \
+             --checkpoints_total_limit) and continue with --resume_from_checkpoint latest",
+            previous
+                .as_deref()
+                .map_or_else(|| "none".into(), |p| p.display().to_string())
+        );
+        let dir = checkpoint::write_atomically(&self.opts.output_dir, &name, |dir| {
+            let named = student_tensors(&self.student);
+            checkpoint::save_student(dir, &self.student_config, &named, DType::F32)?;
+            abort_in_checkpoint_hook();
+            self.heads.save(&dir.join(checkpoint::HEADS_FILE))?;
+            self.opt_g.save_state(dir.join(checkpoint::OPTIM_G_FILE))?;
+            self.opt_d.save_state(dir.join(checkpoint::OPTIM_D_FILE))?;
+            checkpoint::write_state(dir, &self.state)
+        })
+        .map_err(|e| e.on_full_disk(&out.join(&name), Some(needed), &remedy))?;
         if let Some(limit) = self.opts.checkpoints_total_limit {
             for removed in checkpoint::prune(&self.opts.output_dir, limit)? {
                 self.checkpoints.retain(|p| p != &removed);
             }
+        }
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.flush()?;
         }
         self.bar.println(format!("saved {}", dir.display()));
         self.checkpoints.push(dir);
@@ -1089,7 +1216,7 @@ impl<'a> Trainer<'a> {
         };
         let step = self.state.global_step;
         if step.is_multiple_of(every) && step < self.max_train_steps {
-            for path in self.validate(step)? {
+            for path in self.validate(step, "validation")? {
                 self.bar
                     .println(format!("validation images: {}", path.display()));
                 self.validation_images.push(path);
@@ -1099,21 +1226,42 @@ impl<'a> Trainer<'a> {
     }
 
     /// Validation grids of the current student at every validation size: `step-NNNNNN.png` at the store's
-    /// square resolution by default, `step-NNNNNN-HxW.png` per `--validation_resolution`.
-    fn validate(&self, step: u64) -> Result<Vec<PathBuf>> {
+    /// square resolution by default, `step-NNNNNN-HxW.png` per `--validation_resolution`. TensorBoard gets
+    /// each grid under `tag` (the reference's `validation`, or `test` for the final one; `tag/HxW` per size).
+    fn validate(&mut self, step: u64, tag: &str) -> Result<Vec<PathBuf>> {
         let out = &self.opts.output_dir;
         let sized = !self.opts.validation_resolutions.is_empty();
-        self.validators
-            .iter()
-            .map(|v| {
-                let path = if sized {
-                    crate::train::validation::validation_path_sized(out, step, v.size())
+        let mut paths = Vec::new();
+        for v in &self.validators {
+            let path = if sized {
+                crate::train::validation::validation_path_sized(out, step, v.size())
+            } else {
+                crate::train::validation::validation_path(out, step)
+            };
+            let path = v.run_to(&self.compute.frozen, &path).map_err(|e| {
+                e.on_full_disk(
+                    &path,
+                    None,
+                    "no partial image was left; the checkpoints are intact: free some space and continue with \
+                     --resume_from_checkpoint latest",
+                )
+            })?;
+            if let Some(tb) = self.tensorboard.as_mut() {
+                let png = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+                let (w, h) = image::image_dimensions(&path)
+                    .map_err(|e| Error::data(&path, format!("cannot read the grid back: {e}")))?;
+                let tag = if sized {
+                    let (vh, vw) = v.size();
+                    format!("{tag}/{vh}x{vw}")
                 } else {
-                    crate::train::validation::validation_path(out, step)
+                    tag.to_string()
                 };
-                v.run_to(&self.compute.frozen, &path)
-            })
-            .collect()
+                tb.add_png(&tag, step as i64, &png, h, w, wall_time())?;
+                tb.flush()?;
+            }
+            paths.push(path);
+        }
+        Ok(paths)
     }
 
     /// The final diffusers export of the student (f32 with `--upcast_before_saving`, else the compute dtype),
@@ -1129,15 +1277,30 @@ impl<'a> Trainer<'a> {
             self.dtype
         };
         let out = &self.opts.output_dir;
+        let full = |e: Error| {
+            e.on_full_disk(
+                out,
+                Some(self.weight_bytes(dtype)),
+                "every file of the export is written whole or not at all, and the checkpoints are intact; free \
+                 some space and run the same command with --resume_from_checkpoint latest (it exports without \
+                 training further)",
+            )
+        };
         checkpoint::save_student(
             out,
             &self.student_config,
             &student_tensors(&self.student),
             dtype,
-        )?;
-        self.heads.save(&out.join(checkpoint::HEADS_FILE))?;
-        let paths = self.validate(self.state.global_step)?;
+        )
+        .map_err(full)?;
+        self.heads
+            .save(&out.join(checkpoint::HEADS_FILE))
+            .map_err(full)?;
+        let paths = self.validate(self.state.global_step, "test")?;
         self.validation_images.extend(paths);
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.flush()?;
+        }
         self.barrier()
     }
 

@@ -326,9 +326,14 @@ pub fn save_grid(images: &[RgbImage], columns: usize, path: &Path) -> Result<()>
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
-    grid.save_with_format(&tmp, ::image::ImageFormat::Png)
-        .map_err(|e| Error::io(&tmp, std::io::Error::other(e)))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let saved = grid
+        .save_with_format(&tmp, ::image::ImageFormat::Png)
+        .map_err(|e| Error::io(path, std::io::Error::other(e)))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if saved.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    saved
 }
 
 /// Where [`Validator::run`] writes the grid of training step `step`: `out_dir/validation/step-{step:06}.png`.

@@ -21,6 +21,7 @@ mod loader;
 mod prep_buckets;
 mod prep_e2e;
 mod prep_parallel;
+mod reference_flags;
 mod s3;
 mod sample;
 mod store_maintain;

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 /// The test's Python, if it has `tensorboard`; `None` when skipping on request; panics otherwise.
-fn python() -> Option<PathBuf> {
+pub(crate) fn python() -> Option<PathBuf> {
     let py = std::env::var_os("SANA_SPRINT_TEST_PYTHON")
         .map(PathBuf::from)
         .or_else(|| {
@@ -46,7 +46,7 @@ fn python() -> Option<PathBuf> {
 }
 
 /// `tools/read_tensorboard.py DIR`'s JSON.
-fn read_back(py: &Path, dir: &Path) -> Value {
+pub(crate) fn read_back(py: &Path, dir: &Path) -> Value {
     let tool = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/read_tensorboard.py");
     let started = Instant::now();
     let out = Command::new(py).arg(&tool).arg(dir).output().unwrap();
@@ -103,7 +103,7 @@ fn record(want: &mut Scalars, tag: &str, step: i64, value: f64, wall_time: f64) 
 }
 
 /// The values of one scalar tag, in TensorBoard's order.
-fn values(got: &Value, tag: &str) -> Vec<(i64, f64)> {
+pub(crate) fn values(got: &Value, tag: &str) -> Vec<(i64, f64)> {
     got["scalars"][tag]
         .as_array()
         .unwrap_or_else(|| panic!("no scalar tag {tag} in {got}"))
