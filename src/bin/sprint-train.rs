@@ -22,8 +22,8 @@ fn main() -> ExitCode {
                     dir.display()
                 ),
                 None if summary.global_step > 0 => sana_sprint::outln!(
-                    "stopped by {signal} at global step {} (already checkpointed); continue with the same \
-                     command and --resume_from_checkpoint latest",
+                    "stopped by {signal} after global step {}: its checkpoint is in --output_dir; continue \
+                     with the same command and --resume_from_checkpoint latest",
                     summary.global_step
                 ),
                 None => sana_sprint::outln!("stopped by {signal} before the first step: nothing to save"),

@@ -318,3 +318,64 @@ fn a_killed_rank_stops_the_other_and_both_resume_to_the_uninterrupted_result() {
         }
     }
 }
+
+/// SIGTERM to one rank of a 2-process run (as Slurm preemption may reach the ranks at different moments): both
+/// ranks stop after the same global step, rank 0 writes its checkpoint, both exit 0, and the two resume from it.
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_at_the_same_step() {
+    let out = tempfile::tempdir().unwrap();
+    let long = ["--max_train_steps", "1000"];
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|rank| {
+            rank_command(out.path(), 2, &long, rank, 2, port)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let metrics = out.path().join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 2 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ok = Command::new("kill")
+        .args(["-TERM", &children[1].id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let outputs = wait_all(children, Duration::from_secs(120));
+    assert_success(&outputs);
+    let step_of = |o: &Output| -> u64 {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let rest = text
+            .split("after global step ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no stop line: {text}"));
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (s0, s1) = (step_of(&outputs[0]), step_of(&outputs[1]));
+    assert_eq!(s0, s1, "the ranks stopped at different steps");
+    assert!(String::from_utf8_lossy(&outputs[1].stdout).contains("stopped by SIGTERM"));
+    assert!(String::from_utf8_lossy(&outputs[0].stdout).contains("another rank"));
+    assert!(out.path().join(format!("checkpoint-{s0}")).is_dir());
+    // both continue from it
+    let finish = (s0 + 2).to_string();
+    assert_success(&run_ranks(
+        2,
+        2,
+        out.path(),
+        &[
+            "--max_train_steps",
+            &finish,
+            "--resume_from_checkpoint",
+            "latest",
+        ],
+    ));
+    assert!(out.path().join("transformer").is_dir());
+}
