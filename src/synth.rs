@@ -887,7 +887,7 @@ pub fn write_shards(
 /// `sprint-prep` would write it for random data.
 pub fn random_store(
     path: &Path,
-    resolution: usize,
+    (height, width): (usize, usize),
     hidden: usize,
     rows: usize,
     seq_len: usize,
@@ -896,10 +896,10 @@ pub fn random_store(
         origin: "sprint-bench".into(),
         fingerprint: "sha256:sprint-bench".into(),
     };
-    let h = resolution / 32;
+    let (h, w) = (height / 32, width / 32);
     let config = StoreConfig {
         format_version: 1,
-        resolution: resolution as u32,
+        resolution: height.max(width) as u32,
         max_sequence_length: seq_len,
         complex_human_instruction: None,
         vae_scaling_factor: 0.41407,
@@ -919,7 +919,7 @@ pub fn random_store(
             normalize: "random".into(),
             mixed_precision: "bf16".into(),
         },
-        latent_shape: [32, h, h],
+        latent_shape: [32, h, w],
         writer: "sprint-bench".into(),
         multi_scale: None,
         validation_prompts: Vec::new(),
@@ -941,8 +941,8 @@ pub fn random_store(
         writer.push(LatentRow {
             id: format!("bench#{i}"),
             caption: "a random caption".into(),
-            latent: rng.normal(32 * h * h),
-            latent_shape: [32, h as i32, h as i32],
+            latent: rng.normal(32 * h * w),
+            latent_shape: [32, h as i32, w as i32],
             prompt_embeds: rng.normal(len * hidden),
             prompt_len: len as i32,
         });

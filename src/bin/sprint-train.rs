@@ -55,7 +55,32 @@ fn main() -> ExitCode {
             summary.loader_wait.as_secs_f64(),
             100.0 * summary.loader_wait.as_secs_f64() / secs.max(1e-9)
         );
-        if let Some(peak) = sana_sprint::system::peak_rss_bytes() {
+        // per bucket (aspect-ratio stores; one line for a square store): the largest peak is what the run needs
+        let largest = summary.buckets.iter().filter_map(|b| b.peak_bytes).max();
+        for b in &summary.buckets {
+            let peak = b.peak_bytes.map_or("-".into(), |p| {
+                let mark = if Some(p) == largest && summary.buckets.len() > 1 {
+                    " (the largest)"
+                } else {
+                    ""
+                };
+                format!("{:.2} GiB{mark}", p as f64 / 1073741824.0)
+            });
+            sana_sprint::outln!(
+                "latent {:?}      {} step(s), {:.3} s/step, peak {peak}",
+                b.latent_shape,
+                b.steps,
+                b.mean_step_s
+            );
+        }
+        // (on the CPU the trainer restarts the high-water mark at every step: take the largest step's too)
+        let step_peaks = summary.buckets.iter().filter_map(|b| b.peak_bytes).max();
+        let host_peak = if o.device.is_cuda() {
+            sana_sprint::system::peak_rss_bytes()
+        } else {
+            sana_sprint::system::peak_rss_bytes().max(step_peaks)
+        };
+        if let Some(peak) = host_peak {
             sana_sprint::outln!("peak memory      {:.0} MiB (host RSS)", peak as f64 / 1048576.0);
         }
         for c in &summary.checkpoints {

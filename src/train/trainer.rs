@@ -54,9 +54,45 @@ pub struct RunSummary {
     pub export_dir: PathBuf,
     pub validation_images: Vec<PathBuf>,
     pub resumed_from: Option<PathBuf>,
+    /// Per latent shape (one per aspect-ratio bucket; one for a square store): the steps of this process, their
+    /// mean wall time and the peak memory of any of them — the largest bucket's peak is what the run needs.
+    pub buckets: Vec<BucketUse>,
     /// The signal (`"SIGTERM"`, `"SIGINT"`) that stopped the run early, after checkpointing its last step
     /// (see [`crate::stop`]); `None` for a run that finished.
     pub stopped_by: Option<&'static str>,
+}
+
+/// What the steps of one latent shape (bucket) took: see [`RunSummary::buckets`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketUse {
+    /// `[C, H, W]` of the latents.
+    pub latent_shape: [usize; 3],
+    pub steps: u64,
+    /// Mean wall seconds of a global step (data wait included).
+    pub mean_step_s: f64,
+    /// Largest peak of one step: the CUDA memory pool's in-use high-water mark on a GPU, the process's resident
+    /// high-water mark on the CPU; `None` where neither can be read (or under `--profile`, whose stage timers
+    /// reset the marks: their `stage_peak_gib` then has the figures).
+    pub peak_bytes: Option<u64>,
+}
+
+/// Restarts the memory high-water mark a step's peak is read from ([`step_peak_bytes`]).
+fn reset_step_peak(device: &candle_core::Device) -> Result<()> {
+    if device.is_cuda() {
+        crate::device::reset_pool_peaks(device)
+    } else {
+        crate::system::reset_peak_rss();
+        Ok(())
+    }
+}
+
+/// The memory high-water mark since [`reset_step_peak`]: the CUDA pool's bytes in use, or the host RSS.
+fn step_peak_bytes(device: &candle_core::Device) -> Result<Option<u64>> {
+    if device.is_cuda() {
+        Ok(crate::device::pool_stats(device)?.map(|p| p.used_high_bytes))
+    } else {
+        Ok(crate::system::peak_rss_bytes())
+    }
 }
 
 /// Latest logged values.
@@ -69,6 +105,9 @@ struct Last {
     grad_norm_d: Option<f64>,
     /// `[C, H, W]` of the last batch's latents (a bucketed store's batches differ).
     latent_shape: Option<[usize; 3]>,
+    /// Wall seconds and memory peak of the last global step.
+    step_s: Option<f64>,
+    step_peak: Option<u64>,
 }
 
 /// Adds the gradients of `vars` found in `grads` into `acc`.
@@ -577,6 +616,10 @@ struct Trainer<'a> {
     group: Option<ProcessGroup>,
     /// Steps skipped in a row for a non-finite gradient norm.
     consecutive_skips: u64,
+    /// When the current global step started.
+    step_started: Instant,
+    /// Per latent shape: (steps, seconds, peak bytes).
+    buckets: std::collections::BTreeMap<[usize; 3], (u64, f64, Option<u64>)>,
     /// Rank 0's TensorBoard event file (`--report_to tensorboard`).
     tensorboard: Option<EventWriter>,
     /// The global step the newest checkpoint on disk holds (the resumed one, or the last written).
@@ -775,6 +818,8 @@ impl<'a> Trainer<'a> {
             validation_images: Vec::new(),
             group,
             consecutive_skips: 0,
+            step_started: Instant::now(),
+            buckets: Default::default(),
             tensorboard,
             checkpointed_step: resumed_step,
             stopped_by: None,
@@ -791,7 +836,10 @@ impl<'a> Trainer<'a> {
                 }
                 if self.opts.profile {
                     profile::start(&self.opts.device)?;
+                } else {
+                    reset_step_peak(&self.opts.device)?;
                 }
+                self.step_started = Instant::now();
             }
             let batch = self.loader.next_batch()?;
             self.last.latent_shape = Some(batch.latent_shape);
@@ -802,6 +850,7 @@ impl<'a> Trainer<'a> {
             let Some(step) = self.sync_step()? else {
                 continue;
             };
+            self.record_bucket_use()?;
             self.log(&step)?;
             self.maybe_checkpoint()?;
             self.maybe_validate()?;
@@ -941,6 +990,29 @@ impl<'a> Trainer<'a> {
             grad_norm,
             lr,
         }))
+    }
+
+    /// Adds the step just completed to its bucket's figures (time since the step started, memory peak).
+    fn record_bucket_use(&mut self) -> Result<()> {
+        let Some(shape) = self.last.latent_shape else {
+            return Ok(());
+        };
+        let peak = if self.opts.profile {
+            None
+        } else {
+            step_peak_bytes(&self.opts.device)?
+        };
+        let secs = self.step_started.elapsed().as_secs_f64();
+        let e = self.buckets.entry(shape).or_insert((0, 0.0, None));
+        e.0 += 1;
+        e.1 += secs;
+        e.2 = match (e.2, peak) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.last.step_s = Some(secs);
+        self.last.step_peak = peak;
+        Ok(())
     }
 
     /// Whether a stop signal reached this process (or, in a multi-process run, any rank: all stop at the
@@ -1099,6 +1171,12 @@ impl<'a> Trainer<'a> {
         let bucketed = self.loader.config().multi_scale.is_some();
         if let (true, Some(shape)) = (bucketed, last.latent_shape) {
             line["latent_shape"] = serde_json::json!(shape);
+        }
+        if let Some(secs) = last.step_s {
+            line["step_s"] = secs.into();
+        }
+        if let Some(peak) = last.step_peak {
+            line["peak_mem_gib"] = (peak as f64 / 1073741824.0).into();
         }
         if let Some(stages) = stages {
             let secs: serde_json::Map<_, _> = stages
@@ -1321,6 +1399,16 @@ impl<'a> Trainer<'a> {
             export_dir: self.opts.output_dir.join(checkpoint::TRANSFORMER_DIR),
             validation_images: self.validation_images,
             resumed_from: self.resumed_from,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(&latent_shape, &(steps, secs, peak_bytes))| BucketUse {
+                    latent_shape,
+                    steps,
+                    mean_step_s: secs / steps.max(1) as f64,
+                    peak_bytes,
+                })
+                .collect(),
             stopped_by: self.stopped_by,
         }
     }

@@ -456,9 +456,24 @@ fn bucketed_training_resumes_exactly() {
     let out = tempfile::tempdir().unwrap();
     let mut o = options(out.path());
     o.latents = store.to_path_buf();
-    o.max_train_steps = Some(2);
-    trainer::run(&o).unwrap();
+    o.max_train_steps = Some(4);
+    let summary = trainer::run(&o).unwrap();
+    // the summary's per-bucket figures: every step counted once, under the shape its metrics line names
+    let counted: u64 = summary.buckets.iter().map(|b| b.steps).sum();
+    assert_eq!(counted, 4, "{:?}", summary.buckets);
+    for b in &summary.buckets {
+        assert!(shapes.contains(&b.latent_shape), "{b:?}");
+        assert!(
+            b.mean_step_s > 0.0 && b.peak_bytes.is_some_and(|p| p > 0),
+            "{b:?}"
+        );
+    }
     for line in metrics(out.path()) {
+        assert!(line["step_s"].as_f64().is_some_and(|s| s > 0.0), "{line}");
+        assert!(
+            line["peak_mem_gib"].as_f64().is_some_and(|g| g > 0.0),
+            "{line}"
+        );
         let shape = line["latent_shape"]
             .as_array()
             .unwrap_or_else(|| panic!("{line}"));

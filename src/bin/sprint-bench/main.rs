@@ -160,6 +160,9 @@ struct TrainArgs {
     config: String,
     #[arg(long, default_value_t = 1024)]
     resolution: usize,
+    /// An aspect-ratio bucket instead of the square: HxW in pixels (multiples of 32, e.g. 256x1024).
+    #[arg(long)]
+    bucket: Option<String>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
     #[arg(long)]
@@ -743,6 +746,8 @@ impl TrainRun {
 /// Resolved train-step sizes.
 struct TrainSizes {
     resolution: usize,
+    /// (height, width) in pixels: the square of `resolution` or `--bucket`.
+    hw: (usize, usize),
     batch: usize,
     layers: Option<usize>,
     steps: u64,
@@ -754,6 +759,7 @@ fn train_sizes(smoke: bool, a: &TrainArgs) -> TrainSizes {
     if smoke {
         TrainSizes {
             resolution: 64,
+            hw: (64, 64),
             batch: a.batch.min(2),
             layers: Some(a.layers.unwrap_or(1)),
             steps: a.steps.min(4),
@@ -762,6 +768,14 @@ fn train_sizes(smoke: bool, a: &TrainArgs) -> TrainSizes {
     } else {
         TrainSizes {
             resolution: a.resolution,
+            hw: a
+                .bucket
+                .as_deref()
+                .and_then(|b| {
+                    let (h, w) = b.split_once(['x', 'X'])?;
+                    Some((h.trim().parse().ok()?, w.trim().parse().ok()?))
+                })
+                .unwrap_or((a.resolution, a.resolution)),
             batch: a.batch,
             layers: a.layers,
             steps: a.steps,
@@ -777,10 +791,14 @@ fn train_key(smoke: bool, a: &TrainArgs) -> String {
     } else {
         ""
     };
+    let size = if z.hw.0 == z.hw.1 {
+        format!("{}px", z.hw.0)
+    } else {
+        format!("{}x{}px", z.hw.0, z.hw.1)
+    };
     format!(
-        "train-step {} {}px b{} {}{ckpt}{}{}",
+        "train-step {} {size} b{} {}{ckpt}{}{}",
         a.config,
-        z.resolution,
         z.batch,
         a.mixed_precision.name(),
         if a.profile { " profiled" } else { "" },
@@ -791,6 +809,11 @@ fn train_key(smoke: bool, a: &TrainArgs) -> String {
 fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Record> {
     let z = train_sizes(ctx.smoke, a);
     let (res, steps) = (z.resolution, z.steps);
+    anyhow::ensure!(
+        z.hw.0.is_multiple_of(32) && z.hw.1.is_multiple_of(32) && z.hw.0 > 0 && z.hw.1 > 0,
+        "--bucket {:?}: HxW in pixels, multiples of 32",
+        a.bucket
+    );
     let t = Instant::now();
     let teacher = if a.config == "tiny" {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/tiny-sana-sprint")
@@ -800,11 +823,17 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
     let cfg = SanaConfig::from_folder(&teacher.join("transformer"))?;
     let rows = (z.batch * (steps as usize + 2)).max(16);
     let store_dir = random::cached_dir(
-        &ctx.work.join(format!("store-{res}px-{rows}x{}", z.seq_len)),
-        &format!("random store {res}px {rows} rows {} tokens v1", z.seq_len),
+        &ctx.work.join(format!(
+            "store-{}x{}px-{rows}x{}",
+            z.hw.0, z.hw.1, z.seq_len
+        )),
+        &format!(
+            "random store {}x{}px {rows} rows {} tokens v1",
+            z.hw.0, z.hw.1, z.seq_len
+        ),
         |d| {
             let path = d.join("store.lance");
-            random::random_store(&path, res, cfg.caption_channels, rows, z.seq_len)
+            random::random_store(&path, z.hw, cfg.caption_channels, rows, z.seq_len)
         },
     )?;
     println!(
@@ -836,6 +865,7 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
     let run = TrainRun {
         key: train_key(ctx.smoke, a),
         params: json!({"config": a.config, "layers": cfg.num_layers, "resolution": res, "batch": z.batch,
+                       "height": z.hw.0, "width": z.hw.1,
                        "prompt_tokens": z.seq_len,
                        "gradient_checkpointing": a.gradient_checkpointing,
                        "mixed_precision": a.mixed_precision.name(), "steps": steps,
@@ -904,6 +934,34 @@ fn train_step(ctx: &Ctx, a: &TrainArgs, time_limit: Option<f64>) -> Result<Recor
         record
             .metrics
             .insert(name.into(), value.map_or(Value::from("n/a"), Value::from));
+    }
+    // the trainer restarts the host high-water mark at every step (its per-bucket peaks): the run's peak is the
+    // largest of those and of what the mark shows now
+    if !ctx.device.is_cuda() {
+        let peak = summary
+            .buckets
+            .iter()
+            .filter_map(|b| b.peak_bytes)
+            .chain(sana_sprint::system::peak_rss_bytes())
+            .max();
+        if let Some(peak) = peak {
+            record.metrics.insert(
+                "peak_host_rss_gib".into(),
+                (peak as f64 / 1073741824.0).into(),
+            );
+        }
+    }
+    for b in &summary.buckets {
+        record.notes.push(format!(
+            "latent {:?}: {} steps, {:.3} s/step, peak {}",
+            b.latent_shape,
+            b.steps,
+            b.mean_step_s,
+            b.peak_bytes.map_or("-".into(), |p| format!(
+                "{:.2} GiB",
+                p as f64 / 1073741824.0
+            ))
+        ));
     }
     Ok(record)
 }
