@@ -92,8 +92,70 @@ pub fn decode_rgb_limited(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
             check_size(header.decoded_size(), max_pixels)?;
             header.decode(bytes)
         }
+        ImageFormat::Jpeg => decode_jpeg(bytes, max_pixels),
         _ => decode_with_crate(bytes, format, max_pixels),
     })
+}
+
+/// JPEG through libjpeg-turbo's decoder (the `mozjpeg` build of it), with PIL's settings — accurate integer
+/// IDCT, fancy chroma upsampling, its colour conversion — so that pixels are bit-identical to
+/// `Image.open(...).convert("RGB")`. CMYK and YCCK files come out as CMYK, inverted when an Adobe APP14 marker
+/// says so (PIL's `CMYK;I` raw mode), then PIL's `cmyk2rgb`. Decoder errors are panics in the binding: the
+/// caller's guard turns them into "corrupt image" errors.
+fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
+    use mozjpeg::ColorSpace;
+    // libjpeg fills a truncated scan with grey and warns; PIL raises "image file is truncated" instead.
+    if !jpeg_reaches_end_marker(bytes) {
+        return Err(bad_image(
+            "truncated image: JPEG has no end-of-image marker",
+        ));
+    }
+    let corrupt_io = |e: std::io::Error| corrupt(e.to_string());
+    let decoder = mozjpeg::Decompress::new_mem(bytes).map_err(corrupt_io)?;
+    let (w, h) = decoder.size();
+    let (width, height) = (
+        u32::try_from(w).map_err(|_| corrupt("width out of range"))?,
+        u32::try_from(h).map_err(|_| corrupt("height out of range"))?,
+    );
+    check_size((width, height), max_pixels)?;
+    let rgb: Vec<u8> = match decoder.color_space() {
+        ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => {
+            let inverted = jpeg_has_adobe_marker(bytes);
+            let mut started = decoder
+                .to_colorspace(ColorSpace::JCS_CMYK)
+                .map_err(corrupt_io)?;
+            let cmyk: Vec<[u8; 4]> = started.read_scanlines().map_err(corrupt_io)?;
+            started.finish().map_err(corrupt_io)?;
+            cmyk.into_iter()
+                .flat_map(|p| cmyk2rgb(if inverted { p.map(|v| 255 - v) } else { p }))
+                .collect()
+        }
+        _ => {
+            let mut started = decoder.rgb().map_err(corrupt_io)?;
+            let px: Vec<[u8; 3]> = started.read_scanlines().map_err(corrupt_io)?;
+            started.finish().map_err(corrupt_io)?;
+            px.into_iter().flatten().collect()
+        }
+    };
+    RgbImage::from_raw(width, height, rgb)
+        .ok_or_else(|| corrupt("fewer scanlines than the header says"))
+}
+
+/// Whether a JPEG carries an Adobe APP14 segment (PIL then reads CMYK samples inverted).
+fn jpeg_has_adobe_marker(b: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 3 < b.len() && b[i] == 0xFF {
+        let marker = b[i + 1];
+        if marker == 0xDA {
+            return false; // start of scan: no more header segments
+        }
+        let len = usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
+        if marker == 0xEE && b.get(i + 4..i + 9) == Some(b"Adobe") {
+            return true;
+        }
+        i += 2 + len;
+    }
+    false
 }
 
 /// The `(width, height)` [`decode_rgb`] would return for these bytes, read from the header alone (no pixel is
@@ -105,6 +167,15 @@ pub fn declared_pixels(bytes: &[u8]) -> Result<(u32, u32)> {
         ImageFormat::Gif => Ok(GifHeader::parse(bytes)?.size),
         ImageFormat::Bmp => BmpHeader::parse(bytes).map(|h| (h.width, h.height)),
         ImageFormat::Tiff => Ok(TiffHeader::parse(bytes)?.decoded_size()),
+        ImageFormat::Jpeg => {
+            // the header as the decoder that will decode it reads it
+            let d = mozjpeg::Decompress::new_mem(bytes).map_err(|e| corrupt(e.to_string()))?;
+            let (w, h) = d.size();
+            Ok((
+                u32::try_from(w).map_err(|_| corrupt("width out of range"))?,
+                u32::try_from(h).map_err(|_| corrupt("height out of range"))?,
+            ))
+        }
         _ => Ok(crate_decoder(bytes, format)?.dimensions()),
     })
 }
@@ -161,14 +232,8 @@ fn crate_decode(bytes: &[u8], format: ImageFormat, max_pixels: u64) -> Result<Dy
     DynamicImage::from_decoder(decoder).map_err(crate_error)
 }
 
-/// PNG, JPEG and WebP.
+/// PNG and WebP.
 fn decode_with_crate(bytes: &[u8], format: ImageFormat, max_pixels: u64) -> Result<RgbImage> {
-    // zune-jpeg fills a truncated scan with grey; PIL raises "image file is truncated" instead.
-    if format == ImageFormat::Jpeg && !jpeg_reaches_end_marker(bytes) {
-        return Err(bad_image(
-            "truncated image: JPEG has no end-of-image marker",
-        ));
-    }
     let decoded = crate_decode(bytes, format, max_pixels)?;
     let png_grey16 = format == ImageFormat::Png && png_is_grey16(bytes);
     Ok(to_pil_rgb(decoded, png_grey16))

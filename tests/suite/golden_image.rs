@@ -107,11 +107,8 @@ fn pixel_error(ours: &RgbImage, reference: &RgbImage) -> (u8, f32) {
 }
 
 /// Allowed (max, mean) error per format, in uint8 steps, for decoded pixels and for the transformed
-/// tensor. PNG, lossless WebP, GIF, BMP and TIFF must be bit-exact. JPEG differs by the decoder (zune-jpeg vs
-/// libjpeg-turbo): IDCT/colour rounding inside the image (<= 3 steps), and chroma upsampling in the
-/// last pixel row/column of 4:2:x images whose size is not a multiple of the MCU (up to 14 steps
-/// there); the resize and centre crop average or cut most of that away. Lossy WebP (image-webp vs libwebp) is exact on the fixtures;
-/// one step of rounding slack is allowed.
+/// tensor. PNG, lossless WebP, GIF, BMP, TIFF and JPEG (libjpeg-turbo's decoder, as PIL's) must be bit-exact.
+/// Lossy WebP (image-webp vs libwebp) is exact on the fixtures; one step of rounding slack is allowed.
 struct Bounds {
     decode: (f32, f32),
     transform: (f32, f32),
@@ -119,13 +116,9 @@ struct Bounds {
 
 fn bounds(kind: &str) -> Bounds {
     match kind {
-        "png" | "webp-lossless" | "gif" | "bmp" | "tiff" => Bounds {
+        "png" | "webp-lossless" | "gif" | "bmp" | "tiff" | "jpeg" => Bounds {
             decode: (0.0, 0.0),
             transform: (0.0, 0.0),
-        },
-        "jpeg" => Bounds {
-            decode: (16.0, 0.5),
-            transform: (4.0, 0.5),
         },
         _ => Bounds {
             decode: (1.0, 0.05),
