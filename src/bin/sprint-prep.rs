@@ -194,6 +194,31 @@ fn print_parts(path: &Path) -> sana_sprint::Result<()> {
     Ok(())
 }
 
+/// `--verify STORE`: every row read and checked; the summary printed; an error when anything is bad.
+fn verify(path: &Path, progress: bool) -> sana_sprint::Result<()> {
+    let report = store::verify::verify(path, progress)?;
+    for line in report.summary() {
+        sana_sprint::outln!("{line}");
+    }
+    if report.is_ok() {
+        return Ok(());
+    }
+    Err(sana_sprint::Error::store(
+        path,
+        format!(
+            "verification failed: {} of {} row(s) bad, {} damaged data file(s){} (listed above)",
+            report.rows_bad,
+            report.rows_checked,
+            report.damaged_files(),
+            if report.lost_manifest() {
+                ", a lost manifest"
+            } else {
+                ""
+            }
+        ),
+    ))
+}
+
 fn main() -> ExitCode {
     sana_sprint::cli::init_logging();
     let args = PrepArgs::parse_args();
@@ -216,6 +241,8 @@ fn main() -> ExitCode {
                 );
             }
         })
+    } else if let Some(path) = args.verify.clone() {
+        verify(&path, !args.no_progress)
     } else if let Some(path) = args.compact.clone() {
         store::maintain::compact(&path).map(|r| {
             sana_sprint::outln!(

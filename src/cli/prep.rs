@@ -16,16 +16,16 @@ use crate::store::StoreDType;
 pub struct PrepArgs {
     /// Diffusers pipeline folder (vae/, text_encoder/, tokenizer/) or a hub id (HF cache first; downloaded only
     /// when HF_HUB_OFFLINE is not set).
-    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact"])]
+    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"])]
     pub pretrained_model_name_or_path: Option<String>,
     /// Hub dataset that relative --file_path entries belong to (e.g. brivangl/midjourney-v6-llava).
     #[arg(long)]
     pub dataset_name: Option<String>,
     /// Parquet shards; glob patterns allowed (data/train_00*.parquet). Local paths first, then --dataset_name.
-    #[arg(long, num_args = 1.., required_unless_present_any = ["demo", "inspect", "dedupe", "compact"])]
+    #[arg(long, num_args = 1.., required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"])]
     pub file_path: Vec<String>,
     /// Output Lance dataset (conventionally *.lance). Rerunning resumes; new shards append only new rows.
-    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact"])]
+    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"])]
     pub output: Option<PathBuf>,
     /// Square training resolution (shorter side resized to it, then centre-cropped).
     #[arg(long)]
@@ -106,12 +106,20 @@ pub struct PrepArgs {
     /// sprint-train draws validation grids without loading the text encoder; replaces the stored ones.
     #[arg(long, num_args = 1..)]
     pub validation_prompt: Vec<String>,
+    /// Refuse unreadable input files before anything is written, and fail on a corrupt page (default: skip
+    /// them, list them in the report, and leave their rows to a rerun).
+    #[arg(long)]
+    pub strict: bool,
     /// Remove extra copies of ids stored more than once (keeping the first), then exit.
     #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "compact"])]
     pub dedupe: Option<PathBuf>,
     /// Compact the store's fragments and drop old versions (every row and the row order kept), then exit.
     #[arg(long, value_name = "STORE", conflicts_with = "inspect")]
     pub compact: Option<PathBuf>,
+    /// Read every row of a store and check it (files, shapes, prompt lengths, finite values, unique ids); print
+    /// the bad rows by reason and the damaged files, exit non-zero when anything is bad. Changes nothing.
+    #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "dedupe", "compact"])]
+    pub verify: Option<PathBuf>,
 }
 
 /// The flags required unless `--demo` or `--inspect`.
@@ -219,6 +227,7 @@ impl PrepArgs {
         o.distinct_shard_ids |= a.distinct_shard_ids;
         o.multi_scale |= a.multi_scale;
         o.validation_prompts = a.validation_prompt.clone();
+        o.strict |= a.strict;
         o
     }
 }

@@ -28,7 +28,7 @@ use crate::store::{
     StoreDType, StoreWriter, FORMAT_VERSION,
 };
 use crate::text::{PromptEncoder, COMPLEX_HUMAN_INSTRUCTION};
-use report::{BadRow, PrepReport};
+use report::{BadRow, BadShard, PrepReport};
 use source::{RawRow, Shard};
 
 /// Everything a prep run needs; the `sprint-prep` flags map onto it one to one.
@@ -68,6 +68,9 @@ pub struct PrepOptions {
     pub multi_scale: bool,
     /// Validation prompts to encode into the store's metadata (sprint-train then needs no text encoder).
     pub validation_prompts: Vec<String>,
+    /// Refuse unreadable input files (before anything is written) and fail on a corrupt page, instead of
+    /// skipping them and listing them in the report.
+    pub strict: bool,
 }
 
 impl Default for PrepOptions {
@@ -102,6 +105,7 @@ impl Default for PrepOptions {
             distinct_shard_ids: false,
             multi_scale: false,
             validation_prompts: Vec::new(),
+            strict: false,
         }
     }
 }
@@ -187,8 +191,23 @@ fn decode_row(row: RawRow, transform: &Transform) -> Decoded {
             detail,
         })
     };
-    let Some(caption) = row.caption.clone() else {
+    let Some(caption) = row.caption.as_deref() else {
         return bad("null caption", String::new());
+    };
+    // an empty caption is kept: the reference tokenizes "" like any prompt
+    let caption = match std::str::from_utf8(caption) {
+        Ok(c) => c.to_string(),
+        Err(e) => {
+            return bad(
+                "invalid caption",
+                format!(
+                    "not UTF-8: invalid byte 0x{:02x} at byte {} of {}",
+                    caption[e.valid_up_to()],
+                    e.valid_up_to(),
+                    caption.len()
+                ),
+            )
+        }
     };
     let Some(bytes) = row.image.as_deref() else {
         return bad("null image", String::new());
@@ -260,6 +279,15 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1()?;
+    if let Some(v) = neg_rows.iter().find(|v| !v.is_finite()) {
+        return Err(Error::model(
+            src.root.join("text_encoder"),
+            format!(
+                "the text encoder's embedding of the empty prompt (the negative prompt the store keeps) holds \
+                 {v}: NaN/Inf outputs mean damaged weights or a faulty device; nothing was written"
+            ),
+        ));
+    }
     let fp = |sub: &str, configs: &[&str]| -> Result<ModelInfo> {
         Ok(ModelInfo {
             origin: format!("{}/{sub}", src.origin),
@@ -369,6 +397,15 @@ pub fn load_encoders(opts: &PrepOptions, hubc: &HubConfig) -> Result<Encoders> {
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
+            if rows.iter().any(|v| !v.is_finite()) {
+                return Err(Error::model(
+                    src.root.join("text_encoder"),
+                    format!(
+                        "the text encoder's embedding of the validation prompt {prompt:?} holds NaN/Inf values \
+                         (damaged weights or a faulty device); nothing was written"
+                    ),
+                ));
+            }
             config.validation_prompts.push(crate::store::StoredPrompt {
                 prompt: prompt.clone(),
                 len,
@@ -430,6 +467,49 @@ pub fn encode_batch(
             }
         })
         .collect())
+}
+
+/// Why an encoded row must not be stored, or `None` for a good row: NaN/Inf in its latent or its prompt
+/// embedding (a faulty device, a bf16 overflow, damaged weights), or a finite value that the store's float16
+/// column would turn into Inf. Checked before each row goes to the writer.
+pub fn non_finite(row: &LatentRow, config: &StoreConfig) -> Option<BadRow> {
+    let check = |values: &[f32], dtype: StoreDType| -> Option<String> {
+        let stored_bad = |v: f32| match dtype {
+            StoreDType::Float32 => !v.is_finite(),
+            StoreDType::Float16 => !half::f16::from_f32(v).is_finite(),
+        };
+        let (mut n, mut first) = (0usize, None);
+        for (i, &v) in values.iter().enumerate() {
+            if stored_bad(v) {
+                n += 1;
+                first.get_or_insert((i, v));
+            }
+        }
+        let (i, v) = first?;
+        Some(if v.is_finite() {
+            format!(
+                "{n} of {} values beyond float16 storage (value {i} is {v}); store them as float32",
+                values.len()
+            )
+        } else {
+            format!(
+                "{n} of {} values are NaN or Inf (value {i} is {v})",
+                values.len()
+            )
+        })
+    };
+    let (reason, detail) = if let Some(d) = check(&row.latent, config.latent_dtype) {
+        ("non-finite latent", d)
+    } else if let Some(d) = check(&row.prompt_embeds, config.embed_dtype) {
+        ("non-finite prompt embedding", d)
+    } else {
+        return None;
+    };
+    Some(BadRow {
+        id: row.id.clone(),
+        reason: reason.into(),
+        detail,
+    })
 }
 
 fn progress_bar(total: u64, enabled: bool) -> indicatif::ProgressBar {
@@ -521,7 +601,11 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     if files.is_empty() {
         return Err(Error::Arg("no input files: pass --file_path".into()));
     }
-    let shards = source::validate_shards(&files, &opts.image_column, &opts.caption_column)?;
+    let inputs = source::validate_shards(&files, &opts.image_column, &opts.caption_column)?;
+    check_inputs(&inputs, files.len(), opts.strict)?;
+    // a file without rows has nothing to do (and no identity to record: its name stays free for a real one)
+    let (shards, empty): (Vec<Shard>, Vec<Shard>) =
+        inputs.shards.into_iter().partition(|s| s.num_rows > 0);
     let enc = load_encoders(opts, hubc)?;
     let mode = if opts.overwrite {
         OpenMode::Overwrite
@@ -578,6 +662,18 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     let todo: Arc<Mutex<HashMap<String, PartTodo>>> = Arc::default();
 
     let mut report = PrepReport::new(opts, &shards, total_rows, already);
+    report.files = files.iter().map(|p| p.display().to_string()).collect();
+    for s in &empty {
+        say(format!("{} holds no rows", s.path.display()));
+        report.empty_shards.push(s.path.display().to_string());
+    }
+    for b in inputs.bad {
+        say(format!(
+            "skipping {}: {} (its rows are encoded by a rerun once it is fixed; --strict refuses it)",
+            b.path, b.error
+        ));
+        report.add_bad_shard(b);
+    }
     report.worker = format!("{}/{}", worker.index + 1, worker.count);
     report.parts_total = all_parts.len();
     report.parts_of_worker = mine.len();
@@ -592,6 +688,8 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     let (dec_tx, dec_rx) = bounded::<Decoded>(cap);
 
     let transform = Transform::of(opts)?;
+    // rows of shards with a corrupt page, found by the reader: (shard path, the rows not read)
+    let unreadable: Arc<Mutex<Vec<(String, source::Unreadable)>>> = Arc::default();
     let mut stopped_by: Option<&'static str> = None;
     let result: Result<usize> = std::thread::scope(|scope| {
         let reader_shards: Vec<Shard> = shards.clone();
@@ -599,6 +697,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
         let (image_column, caption_column) =
             (opts.image_column.clone(), opts.caption_column.clone());
         let (leases_r, todo_r, say_r) = (leases.clone(), todo.clone(), say.clone());
+        let (unreadable_r, pb_r, strict) = (unreadable.clone(), pb.clone(), opts.strict);
         let store_path = opts.output.clone();
         let mine = &mine;
         let reader = scope.spawn(move || -> Result<usize> {
@@ -626,7 +725,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
                     },
                 );
                 let mut send = |row: RawRow| raw_tx.send(row).is_ok();
-                let cont = source::read_rows_range(
+                let read = source::read_rows_range(
                     shard,
                     part.start,
                     part.len,
@@ -635,6 +734,32 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
                     &keep,
                     &mut send,
                 )?;
+                if let Some(u) = read.unreadable {
+                    if strict {
+                        return Err(Error::data(&shard.path, format!("{} (--strict)", u.error)));
+                    }
+                    // the rows read are encoded; the others are bad rows and the part stays unfinished (as a
+                    // killed worker's), so that the next run takes it over and tries them again
+                    say_r(format!(
+                        "{}: {}; the {} row(s) not read are tried again by the next run",
+                        shard.path.display(),
+                        u.error,
+                        u.ids.len()
+                    ));
+                    pb_r.inc(u.ids.len() as u64);
+                    todo_r
+                        .lock()
+                        .expect("todo lock")
+                        .get_mut(&part.key)
+                        .expect("inserted above")
+                        .sent = true;
+                    unreadable_r
+                        .lock()
+                        .expect("unreadable lock")
+                        .push((shard.path.display().to_string(), u));
+                    return Ok(!read.stopped);
+                }
+                let cont = !read.stopped;
                 let finished_now = {
                     let mut t = todo_r.lock().expect("todo lock");
                     let e = t.get_mut(&part.key).expect("inserted above");
@@ -779,12 +904,22 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
                     continue;
                 };
                 let n = batch.len();
+                // a row with NaN/Inf never reaches the store: a bad row with its reason
+                let mut bad_ids = Vec::new();
                 for row in encode_batch(&enc, opts, batch, size)? {
+                    if let Some(bad) = non_finite(&row, writer.config()) {
+                        bad_ids.push(bad.id.clone());
+                        report.add_bad(bad);
+                        continue;
+                    }
                     uncommitted.push(row.id.clone());
                     writer.push(row);
                 }
-                report.rows_encoded += n;
+                report.rows_encoded += n - bad_ids.len();
                 pb.inc(n as u64);
+                if !bad_ids.is_empty() {
+                    settle(&bad_ids)?;
+                }
             }
             if writer.pending_len() >= opts.commit_every
                 || (force_commit && writer.pending_len() > 0)
@@ -898,6 +1033,19 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     });
     leases.stop();
     pb.finish_and_clear();
+    for (path, u) in std::mem::take(&mut *unreadable.lock().expect("unreadable lock")) {
+        for id in u.ids {
+            report.add_bad(BadRow {
+                id,
+                reason: "unreadable shard".into(),
+                detail: u.error.clone(),
+            });
+        }
+        report.add_bad_shard(BadShard {
+            path,
+            error: u.error,
+        });
+    }
     if let Ok(n) = &result {
         report.parts_done_by_others = *n;
         if *n > 0 {
@@ -943,6 +1091,50 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     report.write(&report_path)?;
     result?;
     Ok(report)
+}
+
+/// Refuses inputs that leave nothing to do before anything is loaded or written: no rows at all (every file
+/// empty or unreadable), or with `strict` any unreadable file.
+fn check_inputs(inputs: &source::Inputs, n_files: usize, strict: bool) -> Result<()> {
+    let list = |bad: &[BadShard]| {
+        bad.iter()
+            .map(|b| format!("{}: {}", b.path, b.error))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if strict && !inputs.bad.is_empty() {
+        return Err(Error::data(
+            &inputs.bad[0].path,
+            format!(
+                "{} of the {n_files} input file(s) cannot be read (--strict): {}. Nothing was written",
+                inputs.bad.len(),
+                list(&inputs.bad)
+            ),
+        ));
+    }
+    if inputs.shards.iter().all(|s| s.num_rows == 0) {
+        let empty = inputs.shards.len();
+        let msg = if inputs.bad.is_empty() {
+            if n_files == 1 {
+                format!(
+                    "the input file {} holds no rows",
+                    inputs.shards[0].path.display()
+                )
+            } else {
+                format!("the {n_files} input files hold no rows")
+            }
+        } else {
+            format!(
+                "no rows to encode: of the {n_files} input file(s), {empty} hold no rows and {} cannot be read ({})",
+                inputs.bad.len(),
+                list(&inputs.bad)
+            )
+        };
+        return Err(Error::Arg(format!(
+            "{msg}; nothing to do, no store was created or changed"
+        )));
+    }
+    Ok(())
 }
 
 /// Rows of `part` in `keep` (not stored when the run started).

@@ -13,11 +13,21 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BadRow {
     pub id: String,
-    /// A short stable category: `null image`, `null caption`, `empty image bytes`, `corrupt image`,
-    /// `truncated image`, `unsupported image format`, `image too large`.
+    /// A short stable category: `null image`, `null caption`, `invalid caption` (not UTF-8), `empty image
+    /// bytes`, `corrupt image`, `truncated image`, `unsupported image format`, `image too large`, `non-finite
+    /// latent`, `non-finite prompt embedding` (NaN/Inf from the encoders, or beyond the store's float16),
+    /// `unreadable shard` (a corrupt page of its shard: the next run tries the row again).
     pub reason: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+}
+
+/// An input file that could not be read: skipped whole (an unreadable footer: its rows are absent and a rerun
+/// after fixing it appends them) or from a corrupt page on (its unread rows are bad rows `unreadable shard`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadShard {
+    pub path: String,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +68,12 @@ pub struct PrepReport {
     /// When the run started (seconds since the Unix epoch).
     #[serde(default)]
     pub started_unix_s: u64,
+    /// Input files that could not be read (`--strict` refuses them instead).
+    #[serde(default)]
+    pub bad_shards: Vec<BadShard>,
+    /// Input files that hold no rows (nothing to do for them).
+    #[serde(default)]
+    pub empty_shards: Vec<String>,
 }
 
 /// "42 s", "17 min", "3.2 h", "2.1 days".
@@ -99,6 +115,15 @@ impl PrepReport {
             started_unix_s: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            bad_shards: Vec::new(),
+            empty_shards: Vec::new(),
+        }
+    }
+
+    /// Records an unreadable input file once (a shard met again keeps its first error).
+    pub fn add_bad_shard(&mut self, bad: BadShard) {
+        if !self.bad_shards.iter().any(|b| b.path == bad.path) {
+            self.bad_shards.push(bad);
         }
     }
 
@@ -200,6 +225,23 @@ impl PrepReport {
                 "\nWARNING: {} id(s) are stored more than once (written by an older version or by hand?); \
                  `sprint-prep --dedupe {}` removes the extra copies",
                 self.duplicate_ids, self.output
+            ));
+        }
+        if !self.bad_shards.is_empty() {
+            s.push_str(&format!(
+                "\nWARNING: {} input file(s) could not be read, whole or in part (a rerun encodes the rows \
+                 missing once the files are fixed; --strict makes this an error):",
+                self.bad_shards.len()
+            ));
+            for b in &self.bad_shards {
+                s.push_str(&format!("\n  {}: {}", b.path, b.error));
+            }
+        }
+        if !self.empty_shards.is_empty() {
+            s.push_str(&format!(
+                "\n{} input file(s) hold no rows: {}",
+                self.empty_shards.len(),
+                self.empty_shards.join(", ")
             ));
         }
         for (reason, n) in &self.bad_rows_by_reason {

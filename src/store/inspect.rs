@@ -64,11 +64,14 @@ pub fn bucket_histogram(store: &LatentStore) -> Result<Vec<([i32; 3], usize)>> {
 
 /// The row offsets (as `take` addresses rows) of each latent shape, in shape order, offsets ascending.
 pub fn rows_by_shape(store: &LatentStore) -> Result<Vec<([i32; 3], Vec<u64>)>> {
-    let batches: Vec<RecordBatch> = store.runtime().block_on(async {
-        let mut scan = store.dataset().scan();
-        scan.project(&[columns::LATENT_SHAPE])?;
-        scan.try_into_stream().await?.try_collect().await
-    })?;
+    let batches: Vec<RecordBatch> = store
+        .runtime()
+        .block_on(async {
+            let mut scan = store.dataset().scan();
+            scan.project(&[columns::LATENT_SHAPE])?;
+            scan.try_into_stream().await?.try_collect().await
+        })
+        .map_err(|e| super::verify::store_error(store.path(), e))?;
     let mut rows: BTreeMap<[i32; 3], Vec<u64>> = BTreeMap::new();
     let mut offset = 0u64;
     for b in &batches {
@@ -89,11 +92,14 @@ pub fn rows_by_shape(store: &LatentStore) -> Result<Vec<([i32; 3], Vec<u64>)>> {
 }
 
 fn mean_prompt_len(store: &LatentStore) -> Result<f64> {
-    let batches: Vec<RecordBatch> = store.runtime().block_on(async {
-        let mut scan = store.dataset().scan();
-        scan.project(&[columns::PROMPT_LEN])?;
-        scan.try_into_stream().await?.try_collect().await
-    })?;
+    let batches: Vec<RecordBatch> = store
+        .runtime()
+        .block_on(async {
+            let mut scan = store.dataset().scan();
+            scan.project(&[columns::PROMPT_LEN])?;
+            scan.try_into_stream().await?.try_collect().await
+        })
+        .map_err(|e| super::verify::store_error(store.path(), e))?;
     let (mut sum, mut n) = (0f64, 0usize);
     for b in &batches {
         let a = column::<Int32Array>(store.path(), b, columns::PROMPT_LEN)?;

@@ -32,8 +32,8 @@ use lance::dataset::{CommitBuilder, Dataset};
 use serde::Serialize;
 
 use super::config::read_config;
+use super::runtime_with;
 use super::schema::columns;
-use super::{runtime_with, uri};
 use crate::error::{Error, Result};
 
 /// Lance's row-address column (fragment id in the high 32 bits, physical offset in the low 32).
@@ -98,7 +98,9 @@ fn open(rt: &tokio::runtime::Runtime, path: &Path) -> Result<Dataset> {
             hint: "pass the directory sprint-prep --output wrote (it holds _versions/)".into(),
         });
     }
-    let ds = rt.block_on(Dataset::open(&uri(path)))?;
+    // a damaged store is refused before dedupe or compact commit on top of it
+    let ds = super::verify::open_dataset(rt, path)?;
+    rt.block_on(super::verify::check_open(path, &ds))?;
     read_config(path, &ds)?;
     Ok(ds)
 }

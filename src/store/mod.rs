@@ -8,7 +8,9 @@
 //! * [`writer`]: [`StoreWriter`]; [`reader`]: [`LatentStore`], [`RowReader`];
 //! * [`inspect`]: the `--inspect` summary; [`compat`]: does a store fit a prep run or a teacher;
 //! * [`maintain`]: `--dedupe` (remove duplicate ids) and `--compact` (merge fragments, drop old versions);
-//! * [`location`]: a local folder or an object-store URI (`s3://…`), and the `_sprint/` files on either.
+//! * [`location`]: a local folder or an object-store URI (`s3://…`), and the `_sprint/` files on either;
+//! * [`verify`]: damage found early: the cheap check at open, `--verify` (every row), the commit marker, and
+//!   storage errors translated into messages naming the file and the remedy.
 //!
 //! Every function taking a store `&Path` accepts a URI there too (`Path::new("s3://bucket/x.lance")`).
 
@@ -24,6 +26,7 @@ pub mod location; // local folder or object-store URI; `_sprint/` files on eithe
 pub mod maintain;
 pub mod reader;
 pub mod schema;
+pub mod verify; // damage: the open check, --verify, the commit marker, storage errors named
 pub mod writer;
 
 pub use config::{

@@ -13,8 +13,9 @@ use lance::dataset::Dataset;
 
 use super::config::{read_config, StoreConfig};
 use super::f16::f16_to_f32;
+use super::runtime_with;
 use super::schema::{columns, LatentRow};
-use super::{runtime_with, uri};
+use super::verify::store_error;
 use crate::error::{Error, Result};
 
 /// Lance decodes on the runtime's workers, so a reader gets one per core (the loader is decode-bound).
@@ -44,8 +45,10 @@ impl LatentStore {
             });
         }
         let rt = reader_runtime()?;
-        let dataset = rt.block_on(Dataset::open(&uri(path)))?;
+        let dataset = super::verify::open_dataset(&rt, path)?;
         let config = read_config(path, &dataset)?;
+        // metadata only: every data file there with its recorded size, no lost latest manifest
+        rt.block_on(super::verify::check_open(path, &dataset))?;
         Ok(Self {
             path: path.to_path_buf(),
             rt,
@@ -81,7 +84,9 @@ impl LatentStore {
     }
 
     pub fn len(&self) -> Result<usize> {
-        Ok(self.rt.block_on(self.dataset.count_rows(None))?)
+        self.rt
+            .block_on(self.dataset.count_rows(None))
+            .map_err(|e| store_error(&self.path, e))
     }
 
     pub fn is_empty(&self) -> Result<bool> {
@@ -98,14 +103,17 @@ impl LatentStore {
 
     /// Every row, converted to f32 (for inspection and tests; the trainer reads batches by index).
     pub fn read_all(&self) -> Result<Vec<LatentRow>> {
-        let batches: Vec<RecordBatch> = self.rt.block_on(async {
-            self.dataset
-                .scan()
-                .try_into_stream()
-                .await?
-                .try_collect()
-                .await
-        })?;
+        let batches: Vec<RecordBatch> = self
+            .rt
+            .block_on(async {
+                self.dataset
+                    .scan()
+                    .try_into_stream()
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .map_err(|e| store_error(&self.path, e))?;
         let mut rows = Vec::new();
         for b in &batches {
             rows.extend(
@@ -285,7 +293,8 @@ impl RowReader {
         let batch = self
             .dataset
             .take(std::slice::from_ref(&offset), self.projection.clone())
-            .await?;
+            .await
+            .map_err(|e| store_error(&self.path, e))?;
         let mut rows = stored_rows(&self.path, &batch)?;
         if rows.len() != 1 {
             return Err(Error::store(

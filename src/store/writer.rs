@@ -124,14 +124,17 @@ impl StoreWriter {
             None
         };
         let (dataset, existing) = if let Some(ds) = created {
+            record_commit(path, &rt, &ds, true);
             (ds, HashSet::new())
         } else if mode == OpenMode::Overwrite {
-            (create(WriteMode::Overwrite)?, HashSet::new())
+            let ds = create(WriteMode::Overwrite)?;
+            record_commit(path, &rt, &ds, true);
+            (ds, HashSet::new())
         } else {
             // (a store another worker is creating this instant opens once its first version is committed)
             let waited = std::time::Instant::now();
             let ds = loop {
-                match rt.block_on(Dataset::open(&uri(path))) {
+                match super::verify::open_dataset(&rt, path) {
                     Ok(ds) => break ds,
                     Err(_)
                         if creation_marker_exists(path)
@@ -139,10 +142,12 @@ impl StoreWriter {
                     {
                         std::thread::sleep(std::time::Duration::from_millis(100));
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
             };
             let stored = read_config(path, &ds)?;
+            // appending to a damaged store would build on it: the reader's open check first
+            rt.block_on(super::verify::check_open(path, &ds))?;
             if let Some(diff) = stored.incompatibility(&config) {
                 return Err(Error::store(
                     path,
@@ -166,6 +171,7 @@ impl StoreWriter {
                 let json = serde_json::to_string(&updated)?;
                 let entry = [(super::config::CONFIG_KEY.to_string(), Some(json))];
                 rt.block_on(async { ds.update_schema_metadata(entry).await })?;
+                record_commit(path, &rt, &ds, false);
             }
             let ids = rt.block_on(read_ids(&ds))?;
             (ds, ids)
@@ -253,6 +259,7 @@ impl StoreWriter {
             }
         }
         self.rows_written += n;
+        record_commit(&self.path, &self.rt, &self.dataset, false);
         Ok(n)
     }
 
@@ -263,6 +270,26 @@ impl StoreWriter {
 
 /// Commits retried after Lance gave up on contention with other writers.
 const COMMIT_RETRIES: u32 = 5;
+
+/// Records the version `ds` was just committed as in the store's commit marker (`_sprint/committed.json`,
+/// STORE.md), which lets a reader notice a lost latest manifest. The commit stands whatever happens here: a
+/// failure is only warned about (the marker then lags, which weakens that check and nothing else).
+fn record_commit(path: &Path, rt: &tokio::runtime::Runtime, ds: &Dataset, fresh: bool) {
+    let rows = match super::verify::manifest_rows(ds) {
+        Some(r) => Ok(r),
+        None => rt.block_on(ds.count_rows(None)).map(|r| r as u64),
+    };
+    let recorded = rows
+        .map_err(Error::from)
+        .and_then(|rows| super::verify::record_commit(path, ds.version().version, rows, fresh));
+    if let Err(e) = recorded {
+        tracing::warn!(
+            "recording commit {} in {}: {e}",
+            ds.version().version,
+            super::verify::shown(path, super::verify::COMMIT_MARKER).display()
+        );
+    }
+}
 
 /// Marker of a store being created by one worker (inside the store folder).
 const CREATING: &str = "_sprint/creating";

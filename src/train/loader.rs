@@ -201,10 +201,31 @@ pub fn assemble_stored(
                 ),
             ));
         }
-        r.latent
-            .write_f32(&mut x0[i * numel..(i + 1) * numel], scale);
-        r.prompt_embeds
-            .write_f32(&mut emb[i * l * d..i * l * d + len * d], 1.0);
+        let x = &mut x0[i * numel..(i + 1) * numel];
+        r.latent.write_f32(x, scale);
+        let e = &mut emb[i * l * d..i * l * d + len * d];
+        r.prompt_embeds.write_f32(e, 1.0);
+        // sprint-prep never writes NaN/Inf; a store written before it checked (or edited by hand) can hold some.
+        // Such a row is refused, not skipped: the batches are a pure function of (row count, seed, epoch), and
+        // dropping a row here would shrink this batch (and under several ranks desynchronise them), while dropping
+        // it up front needs a scan of every value of the store at each start.
+        let bad = |v: &[f32]| v.iter().position(|x| !x.is_finite());
+        for (what, at) in [("latent", bad(x)), ("prompt embedding", bad(e))] {
+            if let Some(k) = at {
+                return Err(Error::store(
+                    "",
+                    format!(
+                        "row {} holds a non-finite {what} (value {k} is {}): a row written by an older sprint-prep \
+                         or damaged; every step that drew it would be NaN. Delete the row (Python: \
+                         lance.dataset(STORE).delete(\"id = '{}'\"); `sprint-prep --verify STORE` lists every such \
+                         row) or re-encode the store",
+                        r.id,
+                        if what == "latent" { x[k] } else { e[k] },
+                        r.id
+                    ),
+                ));
+            }
+        }
         mask[i * l..i * l + len].iter_mut().for_each(|m| *m = 1.0);
         ids.push(r.id);
         captions.push(r.caption);
@@ -359,7 +380,7 @@ async fn read_batch(
     assemble_stored(rows, &config, sigma_data, position)
 }
 
-fn task_failed(e: tokio::task::JoinError) -> Error {
+fn task_failed(path: &std::path::Path, e: tokio::task::JoinError) -> Error {
     let msg = match e.try_into_panic() {
         Ok(p) => p
             .downcast_ref::<String>()
@@ -368,7 +389,14 @@ fn task_failed(e: tokio::task::JoinError) -> Error {
             .unwrap_or_else(|| "a panic without a message".into()),
         Err(e) => e.to_string(),
     };
-    Error::store("", format!("reading a batch failed: {msg}"))
+    Error::store(
+        path,
+        crate::store::verify::storage_message(
+            path,
+            &format!("reading a batch failed: {msg}"),
+            false,
+        ),
+    )
 }
 
 /// Streams shuffled batches from a store on a background thread.
@@ -478,7 +506,8 @@ impl StoreLoader {
                             sigma_data,
                             pos,
                         ));
-                        async move { task.await.unwrap_or_else(|e| Err(task_failed(e))) }
+                        let path = path.clone();
+                        async move { task.await.unwrap_or_else(|e| Err(task_failed(&path, e))) }
                     })
                     .buffered(in_flight);
                 loop {

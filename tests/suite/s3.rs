@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use crate::prep_parallel::{assert_ok, prep, root, text, wait_all, worker};
 
-const BUCKET: &str = "sprint-test";
+pub(crate) const BUCKET: &str = "sprint-test";
 
 /// The test's Python, if it has moto and pylance.
-fn python() -> Option<PathBuf> {
+pub(crate) fn python() -> Option<PathBuf> {
     let py = std::env::var_os("SANA_SPRINT_TEST_PYTHON")
         .map(PathBuf::from)
         .or_else(|| {
@@ -31,13 +31,13 @@ fn python() -> Option<PathBuf> {
 }
 
 /// moto's S3 server on a free loopback port, with a bucket; stopped on drop.
-struct Moto {
+pub(crate) struct Moto {
     child: Child,
     endpoint: String,
 }
 
 impl Moto {
-    fn start(py: &Path) -> Moto {
+    pub(crate) fn start(py: &Path) -> Moto {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -88,7 +88,7 @@ impl Moto {
     }
 
     /// The standard AWS variables pointing at this server.
-    fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+    pub(crate) fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
         c.env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_REGION", "us-east-1")
@@ -96,13 +96,13 @@ impl Moto {
             .env("AWS_ALLOW_HTTP", "true")
     }
 
-    fn python(&self, py: &Path) -> Command {
+    pub(crate) fn python(&self, py: &Path) -> Command {
         let mut c = Command::new(py);
         self.env(&mut c);
         c
     }
 
-    fn run(&self, mut c: Command) -> Output {
+    pub(crate) fn run(&self, mut c: Command) -> Output {
         self.env(&mut c).output().unwrap()
     }
 }
