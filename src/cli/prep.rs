@@ -61,6 +61,13 @@ pub struct PrepArgs {
     /// Image-decoding threads.
     #[arg(long)]
     pub num_workers: Option<usize>,
+    /// Images declaring more pixels are skipped as `image too large`, from their header (PIL's
+    /// DecompressionBombError limit by default).
+    #[arg(long)]
+    pub max_image_pixels: Option<u64>,
+    /// MiB of decoded images the decode threads may hold at once (a larger image decodes alone).
+    #[arg(long)]
+    pub decode_memory_mib: Option<u64>,
     /// Rows per Lance commit: a killed run loses at most this many encoded rows (they are redone on rerun).
     #[arg(long)]
     pub commit_every: Option<usize>,
@@ -140,6 +147,8 @@ fn tunables() -> Vec<(&'static str, String)> {
         ("embed_dtype", value_name(&o.embed_dtype)),
         ("report", "next to the store".to_string()),
         ("num_workers", "all cores".to_string()),
+        ("max_image_pixels", o.max_image_pixels.to_string()),
+        ("decode_memory_mib", o.decode_memory_mib.to_string()),
         ("commit_every", o.commit_every.to_string()),
         ("worker_index", "launcher or 0".to_string()),
         ("worker_count", "launcher or 1".to_string()),
@@ -214,6 +223,8 @@ impl PrepArgs {
         o.overwrite |= a.overwrite;
         o.report = a.report;
         set(&mut o.num_workers, a.num_workers);
+        set(&mut o.max_image_pixels, a.max_image_pixels);
+        set(&mut o.decode_memory_mib, a.decode_memory_mib);
         set(&mut o.commit_every, a.commit_every);
         if let Some(level) = a.zstd_level {
             o.encoding.zstd_level = (level > 0).then_some(level);

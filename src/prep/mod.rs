@@ -4,6 +4,7 @@
 //! images, and the calling thread encodes batches on the device and commits them to the store. Every queue is
 //! bounded, so memory stays flat whatever the number of shards.
 
+pub mod budget; // the decode memory budget shared by the workers
 pub mod parts; // many workers on one store: parts, leases, shard identities
 pub mod report;
 pub mod source;
@@ -71,6 +72,11 @@ pub struct PrepOptions {
     /// Refuse unreadable input files (before anything is written) and fail on a corrupt page, instead of
     /// skipping them and listing them in the report.
     pub strict: bool,
+    /// Images whose header declares more pixels are bad rows (`image too large`) before any decoding: PIL's
+    /// decompression-bomb limit by default.
+    pub max_image_pixels: u64,
+    /// Bytes of decoded images the workers may hold at once ([`budget`]).
+    pub decode_memory_mib: u64,
 }
 
 impl Default for PrepOptions {
@@ -106,6 +112,8 @@ impl Default for PrepOptions {
             multi_scale: false,
             validation_prompts: Vec::new(),
             strict: false,
+            max_image_pixels: crate::image::DEFAULT_MAX_IMAGE_PIXELS,
+            decode_memory_mib: 1024,
         }
     }
 }
@@ -183,7 +191,12 @@ impl Transform {
     }
 }
 
-fn decode_row(row: RawRow, transform: &Transform) -> Decoded {
+fn decode_row(
+    row: RawRow,
+    transform: &Transform,
+    budget: &budget::DecodeBudget,
+    max_pixels: u64,
+) -> Decoded {
     let bad = |reason: &str, detail: String| {
         Decoded::Bad(BadRow {
             id: row.id.clone(),
@@ -215,9 +228,24 @@ fn decode_row(row: RawRow, transform: &Transform) -> Decoded {
     if bytes.is_empty() {
         return bad("empty image bytes", String::new());
     }
-    match crate::image::decode_rgb(bytes) {
+    // the decoded pixels are held within the budget (an unreadable header costs nothing: it fails at once)
+    // (nor does an image over the pixel limit: it is refused from its header)
+    let cost = crate::image::declared_pixels(bytes)
+        .map(|(w, h)| u64::from(w) * u64::from(h))
+        .map_or(0, |px| {
+            if px > max_pixels {
+                0
+            } else {
+                px * budget::BYTES_PER_PIXEL
+            }
+        });
+    let held = budget.reserve(cost);
+    let decoded = crate::image::decode_rgb_limited(bytes, max_pixels);
+    match decoded {
         Ok(img) => {
             let (pixels, size) = transform.apply(&img);
+            drop(img);
+            drop(held);
             Decoded::Ok {
                 id: row.id,
                 caption,
@@ -691,6 +719,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     // rows of shards with a corrupt page, found by the reader: (shard path, the rows not read)
     let unreadable: Arc<Mutex<Vec<(String, source::Unreadable)>>> = Arc::default();
     let mut stopped_by: Option<&'static str> = None;
+    let decode_budget = budget::DecodeBudget::new(opts.decode_memory_mib.saturating_mul(1 << 20));
     let result: Result<usize> = std::thread::scope(|scope| {
         let reader_shards: Vec<Shard> = shards.clone();
         let keep_set = pending.clone();
@@ -840,13 +869,18 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
             .build()
             .map_err(|e| Error::Arg(format!("cannot start the decode pool: {e}")))?;
         let transform = &transform;
+        let budget = &decode_budget;
+        let max_pixels = opts.max_image_pixels;
         let decoders = scope.spawn(move || {
             pool.scope(|s| {
                 for _ in 0..pool.current_num_threads() {
                     let (rx, tx) = (raw_rx.clone(), dec_tx.clone());
                     s.spawn(move |_| {
                         for row in rx.iter() {
-                            if tx.send(decode_row(row, transform)).is_err() {
+                            if tx
+                                .send(decode_row(row, transform, budget, max_pixels))
+                                .is_err()
+                            {
                                 break;
                             }
                         }

@@ -68,6 +68,9 @@ pub struct PrepReport {
     /// When the run started (seconds since the Unix epoch).
     #[serde(default)]
     pub started_unix_s: u64,
+    /// The process's resident-memory high-water mark at the end of the run (Linux), in MiB.
+    #[serde(default)]
+    pub peak_rss_mib: Option<f64>,
     /// Input files that could not be read (`--strict` refuses them instead).
     #[serde(default)]
     pub bad_shards: Vec<BadShard>,
@@ -117,6 +120,7 @@ impl PrepReport {
                 .map_or(0, |d| d.as_secs()),
             bad_shards: Vec::new(),
             empty_shards: Vec::new(),
+            peak_rss_mib: None,
         }
     }
 
@@ -136,6 +140,7 @@ impl PrepReport {
     }
 
     pub fn finish(&mut self, elapsed_s: f64) {
+        self.peak_rss_mib = crate::system::proc_status_mib("VmHWM:").map(|m| m.round());
         self.bad_rows.sort_by(|a, b| a.id.cmp(&b.id));
         self.elapsed_s = (elapsed_s * 1000.0).round() / 1000.0;
         let done = self.rows_encoded + self.bad_rows.len();

@@ -1182,3 +1182,68 @@ fn shard_reader_fuzz_never_panics_hangs_or_loses_a_row() {
         "too few usable tables: {intact_read}"
     );
 }
+
+/// Hostile images: large declared sizes in tiny files (8000² PNGs of one colour, ~200 KB each; 192 MB once
+/// decoded). With 4 decode threads and no budget they are decoded at once; `--decode_memory_mib 200` holds
+/// them to one at a time, so the run's peak resident memory is lower by about the other decodes. Images over
+/// `--max_image_pixels` are skipped from their header.
+#[test]
+fn decode_memory_is_bounded_under_hostile_images() {
+    let d = tempfile::tempdir().unwrap();
+    let big = {
+        let img = image::RgbImage::from_pixel(8000, 8000, image::Rgb([200, 40, 90]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    assert!(big.len() < 2 << 20, "{} bytes", big.len());
+    let mut rows: Vec<(Option<Vec<u8>>, Option<String>)> = (0..6)
+        .map(|i| (Some(big.clone()), Some(format!("a huge flat image {i}"))))
+        .collect();
+    rows.extend(good_rows(2, 7));
+    let file = d.path().join("hostile.parquet");
+    shard(&file, &rows, None);
+    let run = |name: &str, extra: &[&str]| -> PrepReport {
+        let store = d.path().join(format!("{name}.lance"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sprint-prep"))
+            .arg("--pretrained_model_name_or_path")
+            .arg(tiny_model())
+            .arg("--file_path")
+            .arg(&file)
+            .arg("--output")
+            .arg(&store)
+            .args([
+                "--resolution",
+                "64",
+                "--device",
+                "cpu",
+                "--no_progress",
+                "--num_workers",
+                "4",
+            ])
+            .args(extra)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PrepReport::read(&prep::default_report_path(&store)).unwrap()
+    };
+    let free = run("unbounded", &["--decode_memory_mib", "100000"]);
+    let bounded = run("bounded", &["--decode_memory_mib", "200"]);
+    assert_eq!((free.rows_written, bounded.rows_written), (8, 8));
+    let (free_mib, bounded_mib) = (free.peak_rss_mib.unwrap(), bounded.peak_rss_mib.unwrap());
+    eprintln!("peak RSS: {free_mib} MiB unbounded, {bounded_mib} MiB with --decode_memory_mib 200");
+    // one 8000² decode is 183 MiB of RGB: the unbounded run held at least two more at once
+    assert!(
+        bounded_mib + 300.0 < free_mib,
+        "bounded {bounded_mib} MiB vs unbounded {free_mib} MiB"
+    );
+    // a pixel limit below their size skips them from the header
+    let limited = run("limited", &["--max_image_pixels", "1000000"]);
+    assert_eq!(limited.rows_written, 2);
+    assert_eq!(limited.bad_rows_by_reason.get("image too large"), Some(&6));
+}
