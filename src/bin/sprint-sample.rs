@@ -140,7 +140,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!(
+                "error: {}",
+                sana_sprint::store::verify::clean_message(&e.to_string())
+            );
             ExitCode::from(2)
         }
     }

@@ -98,7 +98,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!(
+                "error: {}",
+                sana_sprint::store::verify::clean_message(&e.to_string())
+            );
             ExitCode::from(2)
         }
     }

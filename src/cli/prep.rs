@@ -16,116 +16,125 @@ use crate::store::StoreDType;
 pub struct PrepArgs {
     /// Diffusers pipeline folder (vae/, text_encoder/, tokenizer/) or a hub id (HF cache first; downloaded only
     /// when HF_HUB_OFFLINE is not set).
-    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"])]
+    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"], help_heading = "Input and model")]
     pub pretrained_model_name_or_path: Option<String>,
     /// Hub dataset that relative --file_path entries belong to (e.g. brivangl/midjourney-v6-llava).
-    #[arg(long)]
+    #[arg(long, help_heading = "Input and model")]
     pub dataset_name: Option<String>,
     /// Parquet shards; glob patterns allowed (data/train_00*.parquet). Local paths first, then --dataset_name.
-    #[arg(long, num_args = 1.., required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"])]
+    #[arg(long, num_args = 1.., required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"], help_heading = "Input and model")]
     pub file_path: Vec<String>,
     /// Output Lance dataset (conventionally *.lance). Rerunning resumes; new shards append only new rows.
-    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"])]
+    #[arg(long, required_unless_present_any = ["demo", "inspect", "dedupe", "compact", "verify"], help_heading = "Store")]
     pub output: Option<PathBuf>,
     /// Square training resolution (shorter side resized to it, then centre-cropped).
-    #[arg(long)]
+    #[arg(long, help_heading = "Encoding")]
     pub resolution: Option<u32>,
     /// Images encoded per device batch.
-    #[arg(long)]
+    #[arg(long, help_heading = "Encoding")]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Input and model")]
     pub image_column: Option<String>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Input and model")]
     pub caption_column: Option<String>,
     /// `bf16` runs Gemma-2 in bf16 like the reference script; `no` runs it in f32. The VAE always runs in f32.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Encoding")]
     pub mixed_precision: Option<MixedPrecision>,
     /// cpu, cuda or cuda:N.
-    #[arg(long)]
+    #[arg(long, help_heading = "Device and speed")]
     pub device: Option<String>,
-    #[arg(long)]
+    #[arg(long, help_heading = "Encoding")]
     pub max_sequence_length: Option<usize>,
     /// Encode captions without the complex human instruction (the reference always uses it).
-    #[arg(long)]
+    #[arg(long, help_heading = "Encoding")]
     pub no_complex_human_instruction: bool,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Store")]
     pub latent_dtype: Option<StoreDType>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Store")]
     pub embed_dtype: Option<StoreDType>,
     /// Replace an existing store written with other settings (a new Lance version; old versions stay readable).
-    #[arg(long)]
+    #[arg(long, help_heading = "Store")]
     pub overwrite: bool,
     /// Where to write the JSON run report.
-    #[arg(long)]
+    #[arg(long, help_heading = "Store")]
     pub report: Option<PathBuf>,
     /// Image-decoding threads.
-    #[arg(long)]
+    #[arg(long, help_heading = "Device and speed")]
     pub num_workers: Option<usize>,
     /// Images declaring more pixels are skipped as `image too large`, from their header (PIL's
     /// DecompressionBombError limit by default).
-    #[arg(long)]
+    #[arg(long, help_heading = "Input and model")]
     pub max_image_pixels: Option<u64>,
     /// MiB of decoded images the decode threads may hold at once (a larger image decodes alone).
-    #[arg(long)]
+    #[arg(long, help_heading = "Device and speed")]
     pub decode_memory_mib: Option<u64>,
     /// Rows per Lance commit: a killed run loses at most this many encoded rows (they are redone on rerun).
-    #[arg(long)]
+    #[arg(long, help_heading = "Store")]
     pub commit_every: Option<usize>,
     /// zstd level of the float columns (0: no compression).
-    #[arg(long)]
+    #[arg(long, help_heading = "Store")]
     pub zstd_level: Option<i32>,
     /// Store floats without byte-stream split.
-    #[arg(long)]
+    #[arg(long, help_heading = "Store")]
     pub no_byte_stream_split: bool,
     /// No progress bar (for logs).
-    #[arg(long)]
+    #[arg(long, help_heading = "Device and speed")]
     pub no_progress: bool,
     /// Run on the embedded tiny model and demo shards (datasets/) at 128 px, writing demo-output/demo.lance.
     /// Flags passed explicitly keep their values.
     #[arg(long)]
     pub demo: bool,
     /// Print a store's rows, settings, model fingerprints, bytes per sample and bad rows, then exit.
-    #[arg(long, value_name = "STORE")]
+    #[arg(
+        long,
+        value_name = "STORE",
+        help_heading = "Store maintenance (then exit)"
+    )]
     pub inspect: Option<PathBuf>,
     /// This worker's index among --worker_count workers (0-based; default: RANK or SLURM_PROCID when a
     /// launcher set them, else a single worker).
-    #[arg(long, requires = "worker_count")]
+    #[arg(long, requires = "worker_count", help_heading = "Several workers")]
     pub worker_index: Option<usize>,
     /// How many workers share the input (each takes every N-th part; default: WORLD_SIZE or SLURM_NTASKS).
-    #[arg(long, requires = "worker_index")]
+    #[arg(long, requires = "worker_index", help_heading = "Several workers")]
     pub worker_count: Option<usize>,
     /// Rows per part: the unit of work handed to workers and protected by a lease.
-    #[arg(long)]
+    #[arg(long, help_heading = "Several workers")]
     pub part_rows: Option<usize>,
     /// Seconds a part's lease lasts without renewal (renewed every third of it); a dead worker's parts are
     /// taken over after this.
-    #[arg(long)]
+    #[arg(long, help_heading = "Several workers")]
     pub lease_seconds: Option<f64>,
     /// Store the rows of a file whose name the store knows with other content as <name>@<hash8>#<row>
     /// (default: refuse it).
-    #[arg(long)]
+    #[arg(long, help_heading = "Store")]
     pub distinct_shard_ids: bool,
     /// Aspect-ratio buckets (SANA's multi-scale training): each image is resized to cover the nearest bucket of
     /// the --resolution table (512, 1024 or 2048) and centre-cropped to it, instead of a square crop.
-    #[arg(long)]
+    #[arg(long, help_heading = "Encoding")]
     pub multi_scale: bool,
     /// Validation prompts to encode into the store (as sprint-train's validation encodes them), so that
     /// sprint-train draws validation grids without loading the text encoder; replaces the stored ones.
-    #[arg(long, num_args = 1..)]
+    #[arg(long, num_args = 1.., help_heading = "Encoding")]
     pub validation_prompt: Vec<String>,
     /// Refuse unreadable input files before anything is written, and fail on a corrupt page (default: skip
     /// them, list them in the report, and leave their rows to a rerun).
-    #[arg(long)]
+    #[arg(long, help_heading = "Input and model")]
     pub strict: bool,
     /// Remove extra copies of ids stored more than once (keeping the first), then exit.
-    #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "compact"])]
+    #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "compact"], help_heading = "Store maintenance (then exit)")]
     pub dedupe: Option<PathBuf>,
     /// Compact the store's fragments and drop old versions (every row and the row order kept), then exit.
-    #[arg(long, value_name = "STORE", conflicts_with = "inspect")]
+    #[arg(
+        long,
+        value_name = "STORE",
+        conflicts_with = "inspect",
+        help_heading = "Store maintenance (then exit)"
+    )]
     pub compact: Option<PathBuf>,
     /// Read every row of a store and check it (files, shapes, prompt lengths, finite values, unique ids); print
     /// the bad rows by reason and the damaged files, exit non-zero when anything is bad. Changes nothing.
-    #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "dedupe", "compact"])]
+    #[arg(long, value_name = "STORE", conflicts_with_all = ["inspect", "dedupe", "compact"], help_heading = "Store maintenance (then exit)")]
     pub verify: Option<PathBuf>,
 }
 
