@@ -131,10 +131,16 @@ fn fill<T: Clone>(slot: &mut Option<T>, default: &T) -> T {
 /// The binaries' log output: warnings and errors on stderr (`RUST_LOG` selects more), coloured only when
 /// stderr is a terminal (a log file gets no ANSI codes).
 pub fn init_logging() {
+    init_logging_with("warn");
+}
+
+/// [`init_logging`] with another filter when `RUST_LOG` is not set.
+pub fn init_logging_with(default_filter: &str) {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)

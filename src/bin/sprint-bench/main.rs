@@ -1216,14 +1216,7 @@ fn all_reduce(ctx: &Ctx, a: &AllReduceArgs) -> Result<Record> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,sana_sprint::train::trainer=error")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    sana_sprint::cli::init_logging_with("warn,sana_sprint::train::trainer=error");
     let cli = Cli::parse();
     match run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
