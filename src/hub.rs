@@ -84,7 +84,7 @@ pub fn resolve_model(
 ) -> Result<ModelSource> {
     let local = Path::new(name_or_path);
     if local.is_dir() {
-        check_components(local, subfolders)?;
+        check_pipeline(local, subfolders)?;
         return Ok(ModelSource {
             root: local.to_path_buf(),
             origin: format!("local:{}", canonical(local).display()),
@@ -99,7 +99,7 @@ pub fn resolve_model(
     }
     if let Some(snap) = hub.snapshot(name_or_path, RepoType::Model) {
         if subfolders.iter().all(|s| snap.join(s).is_dir()) {
-            check_components(&snap, subfolders)?;
+            check_pipeline(&snap, subfolders)?;
             return Ok(ModelSource {
                 origin: format!("hf-cache:{name_or_path}@{}", snapshot_commit(&snap)),
                 root: snap,
@@ -148,7 +148,7 @@ pub fn resolve_model(
                 "the hub repo has no model_index.json: not a diffusers pipeline",
             )
         })?;
-    check_components(&root, subfolders)?;
+    check_pipeline(&root, subfolders)?;
     Ok(ModelSource {
         origin: format!("hub:{name_or_path}@{}", info.sha),
         root,
@@ -172,11 +172,13 @@ pub fn check_components(root: &Path, subfolders: &[&str]) -> Result<()> {
         if !dir.is_dir() {
             return Err(Error::Missing {
                 what: format!("`{sub}/` folder of the model"),
-                path: dir,
+                path: dir.clone(),
                 hint: format!(
-                    "{} is not a complete diffusers pipeline folder (it needs {}); download the full pipeline",
+                    "{} is not a complete diffusers pipeline folder (it needs {}); download the full pipeline \
+                     ({})",
                     root.display(),
-                    subfolders.join(", ")
+                    subfolders.join(", "),
+                    download_folder_command(&dir)
                 ),
             });
         }
@@ -185,15 +187,127 @@ pub fn check_components(root: &Path, subfolders: &[&str]) -> Result<()> {
         } else {
             "config.json"
         };
-        if !dir.join(needed).is_file() {
+        let path = dir.join(needed);
+        if !path.is_file() {
             return Err(Error::Missing {
                 what: format!("{sub}/{needed}"),
-                path: dir.join(needed),
-                hint: "the model folder is incomplete; download it again".into(),
+                hint: format!(
+                    "the model folder is incomplete; download it: {}",
+                    download_command(&path)
+                ),
+                path,
             });
         }
     }
     Ok(())
+}
+
+/// Checks the named components of a pipeline folder before anything is loaded or written, cheaply (configs
+/// parsed, safetensors headers read and compared with the file sizes, the tokenizer read; no tensor data is
+/// read): each must exist, parse and be complete. `transformer`, `vae` and `text_encoder` have their config and
+/// weights checked (single file or every shard of a sharded index; float dtypes), `tokenizer` its files; with
+/// both `tokenizer` and `text_encoder`, every token id must have a row in the text encoder's embedding. Other
+/// names (`scheduler`) only need their folder. The first problem found is returned, naming the file and how to
+/// get it again.
+pub fn check_pipeline(root: &Path, components: &[&str]) -> Result<()> {
+    use crate::models::{
+        dcae::DcaeConfig, gemma2::Gemma2Encoder, sana::SanaConfig, weights::Weights,
+    };
+    check_components(root, components)?;
+    let mut text_rows = None;
+    for sub in components {
+        let dir = root.join(sub);
+        match *sub {
+            "transformer" => {
+                let config = SanaConfig::from_folder(&dir)?;
+                config
+                    .validate()
+                    .map_err(|msg| Error::model(dir.join("config.json"), msg))?;
+                Weights::from_folder(&dir, &["diffusion_pytorch_model"])?;
+            }
+            "vae" => {
+                DcaeConfig::from_file(&dir.join("config.json"))?;
+                Weights::from_folder(&dir, &["diffusion_pytorch_model"])?;
+            }
+            "text_encoder" => {
+                let (config, _weights) = Gemma2Encoder::open(&dir)?;
+                text_rows = Some(config.vocab_size);
+            }
+            _ => {}
+        }
+    }
+    if components.contains(&"tokenizer") {
+        let tokenizer = crate::text::load_tokenizer(&root.join("tokenizer"))?;
+        crate::text::pad_token_id(&tokenizer, &root.join("tokenizer"))?;
+        if let Some(rows) = text_rows {
+            crate::text::check_vocab_fits(&tokenizer, root, rows)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `hf download` command that fetches the file `path` of a model again: from the repo and revision of the
+/// Hugging Face cache snapshot it lies in, else into the local pipeline folder it belongs to (the nearest
+/// folder above it with `model_index.json`, else the folder above its component folder), whose repo id is not
+/// recorded there and is left as `<repo-id>`.
+pub fn download_command(path: &Path) -> String {
+    download(path, false)
+}
+
+/// [`download_command`] for a whole folder of a model (e.g. `text_encoder/`).
+pub fn download_folder_command(dir: &Path) -> String {
+    download(dir, true)
+}
+
+fn download(path: &Path, folder: bool) -> String {
+    let what = |rel: &Path| {
+        if folder {
+            format!("--include '{}/*'", rel.display())
+        } else {
+            rel.display().to_string()
+        }
+    };
+    // <cache>/models--org--name/snapshots/<commit>/<rel>
+    let parts: Vec<&std::ffi::OsStr> = path.iter().collect();
+    if let Some(i) = parts.iter().rposition(|p| *p == "snapshots") {
+        let repo = i
+            .checked_sub(1)
+            .and_then(|r| parts[r].to_str())
+            .and_then(|r| r.strip_prefix("models--"))
+            .map(|r| r.replace("--", "/"));
+        if let (Some(repo), Some(commit)) = (repo, parts.get(i + 1)) {
+            let rel: PathBuf = parts[i + 2..].iter().collect();
+            return format!(
+                "hf download {repo} {} --revision {} --force-download",
+                what(&rel),
+                commit.to_string_lossy()
+            );
+        }
+    }
+    let component = if folder {
+        path
+    } else {
+        path.parent().unwrap_or(path)
+    };
+    let root = path
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .find(|a| a.join("model_index.json").is_file())
+        .or_else(|| component.parent())
+        .unwrap_or(Path::new(""));
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    let root = if root.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        root
+    };
+    format!(
+        "hf download <repo-id> {} --local-dir {} --force-download (<repo-id>: the hub repo of this pipeline, e.g. \
+         Efficient-Large-Model/SANA_Sprint_1.6B_1024px_teacher_diffusers), or check the folder",
+        what(rel),
+        root.display()
+    )
 }
 
 /// Resolves `--file_path` entries (globs allowed) to local parquet files, in the order given (matches of one
@@ -311,9 +425,17 @@ mod tests {
         for f in files {
             let p = snap.join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, "{}").unwrap();
+            // the tiny pipeline's file of that name (resolution checks the components), else a stub
+            match std::fs::read(tiny().join(f)) {
+                Ok(bytes) => std::fs::write(p, bytes).unwrap(),
+                Err(_) => std::fs::write(p, "{}").unwrap(),
+            }
         }
         snap
+    }
+
+    fn tiny() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/tiny-sana-sprint")
     }
 
     fn offline(cache: &Path) -> HubConfig {
@@ -328,7 +450,9 @@ mod tests {
     fn local_folder_wins_and_missing_component_is_named() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("vae")).unwrap();
-        std::fs::write(d.path().join("vae/config.json"), "{}").unwrap();
+        for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(tiny().join("vae").join(f), d.path().join("vae").join(f)).unwrap();
+        }
         let hub = offline(d.path());
         let src = resolve_model(d.path().to_str().unwrap(), &["vae"], &hub).unwrap();
         assert_eq!(src.root, d.path());
@@ -347,6 +471,7 @@ mod tests {
             &[
                 "model_index.json",
                 "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
                 "tokenizer/tokenizer.json",
             ],
         );

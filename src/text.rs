@@ -46,21 +46,41 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    /// Loads `tokenizer/` and `text_encoder/` of a diffusers pipeline folder; the encoder runs in `dtype`.
+    /// Loads `tokenizer/` and `text_encoder/` of a diffusers pipeline folder; the encoder runs in `dtype`. Both
+    /// are checked before any weight is loaded: the tokenizer's files, the text encoder's config and weight
+    /// headers, and that every token id has a row in the text encoder's embedding.
     pub fn load(pipeline_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let tokenizer = load_tokenizer(&pipeline_dir.join("tokenizer"))?;
-        let text_encoder = Gemma2Encoder::load(&pipeline_dir.join("text_encoder"), dtype, device)?;
-        let pad_token = pad_token_name(&pipeline_dir.join("tokenizer"))?;
-        Self::new(tokenizer, &pad_token, text_encoder)
+        let tokenizer_dir = pipeline_dir.join("tokenizer");
+        let tokenizer = load_tokenizer(&tokenizer_dir)?;
+        let (pad_token, pad_id) = pad_token_id(&tokenizer, &tokenizer_dir)?;
+        let text_dir = pipeline_dir.join("text_encoder");
+        let (config, weights) = Gemma2Encoder::open(&text_dir)?;
+        check_vocab_fits(&tokenizer, pipeline_dir, config.vocab_size)?;
+        let text_encoder = Gemma2Encoder::from_weights(&config, weights, &text_dir, dtype, device)?;
+        Ok(Self {
+            tokenizer: Mutex::new(tokenizer),
+            pad_id,
+            pad_token,
+            text_encoder,
+        })
     }
 
-    /// `pad_token` is the tokenizer's padding token (Gemma: `<pad>`, id 0).
+    /// `pad_token` is the tokenizer's padding token (Gemma: `<pad>`, id 0). Every token id of the tokenizer
+    /// must have a row in the text encoder's embedding.
     pub fn new(tokenizer: Tokenizer, pad_token: &str, text_encoder: Gemma2Encoder) -> Result<Self> {
         let pad_id = tokenizer.token_to_id(pad_token).ok_or_else(|| {
             Error::Tokenizer(format!(
                 "the padding token {pad_token:?} is not in the vocabulary"
             ))
         })?;
+        let rows = text_encoder.config().vocab_size;
+        if let Some((max, count)) = largest_id(&tokenizer).filter(|&(max, _)| max as usize >= rows)
+        {
+            return Err(Error::Tokenizer(format!(
+                "token ids go up to {max} ({count} tokens) but the text encoder's embedding has {rows} rows: the \
+                 tokenizer and the text encoder come from different models"
+            )));
+        }
         Ok(Self {
             tokenizer: Mutex::new(tokenizer),
             pad_id,
@@ -199,13 +219,65 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
         return Err(Error::Missing {
             what: "tokenizer".into(),
+            hint: format!(
+                "point at a diffusers pipeline folder whose tokenizer/ holds tokenizer.json (the fast-tokenizer \
+                 file; a SentencePiece tokenizer.model alone is not enough); download it: {}",
+                crate::hub::download_command(&path)
+            ),
             path,
-            hint: "point at a diffusers pipeline folder whose tokenizer/ holds tokenizer.json (the fast-tokenizer \
-                   file; a SentencePiece tokenizer.model alone is not enough)"
-                .into(),
         });
     }
-    Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    Tokenizer::from_file(&path).map_err(|e| {
+        Error::Tokenizer(format!(
+            "{}: not a readable tokenizer.json ({e}): the file is damaged or truncated; download it again: {}",
+            path.display(),
+            crate::hub::download_command(&path)
+        ))
+    })
+}
+
+/// The padding token of the tokenizer in `dir` (see [`pad_token_name`]) and its id, which must exist.
+pub fn pad_token_id(tokenizer: &Tokenizer, dir: &Path) -> Result<(String, u32)> {
+    let pad = pad_token_name(dir)?;
+    match tokenizer.token_to_id(&pad) {
+        Some(id) => Ok((pad, id)),
+        None => Err(Error::Tokenizer(format!(
+            "{}: the padding token {pad:?} is not in the vocabulary of tokenizer.json: the tokenizer's files \
+             come from different models; download tokenizer/ again: {}",
+            dir.display(),
+            crate::hub::download_folder_command(dir)
+        ))),
+    }
+}
+
+/// The largest token id of a tokenizer (added tokens included) and the number of distinct tokens.
+fn largest_id(tokenizer: &Tokenizer) -> Option<(u32, usize)> {
+    let vocab = tokenizer.get_vocab(true);
+    vocab.values().copied().max().map(|max| (max, vocab.len()))
+}
+
+/// Refuses a tokenizer (`<pipeline_dir>/tokenizer/`) with token ids beyond the `rows` rows of the embedding of
+/// the text encoder (`<pipeline_dir>/text_encoder/`): such a token would index past the embedding. Names both
+/// sizes and both folders.
+pub fn check_vocab_fits(tokenizer: &Tokenizer, pipeline_dir: &Path, rows: usize) -> Result<()> {
+    let Some((max, count)) = largest_id(tokenizer) else {
+        return Ok(());
+    };
+    if (max as usize) < rows {
+        return Ok(());
+    }
+    let path = pipeline_dir.join("tokenizer").join("tokenizer.json");
+    Err(Error::model(
+        &path,
+        format!(
+            "the tokenizer does not match the text encoder: its token ids go up to {max} ({count} tokens), but \
+             {} has {rows} embedding rows (vocab_size {rows}); the tokenizer/ and text_encoder/ folders come \
+             from different models. Use the pipeline's own tokenizer and text encoder: download both again \
+             ({}, and the same for text_encoder/)",
+            pipeline_dir.join("text_encoder").display(),
+            crate::hub::download_folder_command(&pipeline_dir.join("tokenizer")),
+        ),
+    ))
 }
 
 /// The padding token as transformers resolves it (`PreTrainedTokenizerBase._from_pretrained`,
@@ -218,9 +290,13 @@ fn pad_token_name(dir: &Path) -> Result<String> {
             return Ok(None);
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            Error::Tokenizer(format!(
+                "{}: invalid JSON ({e}): the file is damaged; download it again: {}",
+                path.display(),
+                crate::hub::download_command(path)
+            ))
+        })
     }
     fn pad_of(config: &serde_json::Value) -> Option<String> {
         match config.get("pad_token")? {

@@ -288,14 +288,25 @@ impl DcaeConfig {
             return Err(crate::Error::Missing {
                 what: "DC-AE config".into(),
                 path: path.to_path_buf(),
-                hint: "a diffusers AutoencoderDC folder (e.g. the `vae/` folder of a SANA pipeline) holds \
-                       config.json and diffusion_pytorch_model.safetensors"
-                    .into(),
+                hint: format!(
+                    "a diffusers AutoencoderDC folder (e.g. the `vae/` folder of a SANA pipeline) holds \
+                     config.json and diffusion_pytorch_model.safetensors; download it: {}",
+                    crate::hub::download_command(path)
+                ),
             });
         }
         let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
         let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| crate::Error::model(path, format!("invalid DC-AE config: {e}")))?;
+            .map_err(|e| {
+                crate::Error::model(
+                    path,
+                    format!(
+                        "invalid DC-AE config ({e}): the file is damaged or not a diffusers config; download it \
+                         again: {}",
+                        crate::hub::download_command(path)
+                    ),
+                )
+            })?;
         cfg.encoder_stages()
             .and_then(|_| cfg.decoder_stages())
             .map_err(|e| crate::Error::model(path, format!("unsupported DC-AE config: {e}")))?;

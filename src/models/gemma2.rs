@@ -125,8 +125,16 @@ impl Gemma2Config {
     /// Reads and validates a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::model(path, format!("invalid Gemma-2 config: {e}")))?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| {
+            Error::model(
+                path,
+                format!(
+                    "invalid Gemma-2 config ({e}): the file is damaged or not a transformers config; download \
+                     it again: {}",
+                    crate::hub::download_command(path)
+                ),
+            )
+        })?;
         config.validate().map_err(|msg| Error::model(path, msg))?;
         Ok(config)
     }
@@ -392,24 +400,58 @@ pub struct Gemma2Encoder {
 }
 
 impl Gemma2Encoder {
-    /// Loads `config.json` and the (single or sharded) `model*.safetensors` of a `text_encoder/` folder,
-    /// converting the weights to `dtype`.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Opens a `text_encoder/` folder without loading any tensor: `config.json` parsed and checked, the (single
+    /// or sharded) `model*.safetensors` headers read and checked (complete files, every shard present, float
+    /// dtypes), and the embedding's row count compared with the config's `vocab_size`. Cheap (header reads).
+    pub fn open(dir: &Path) -> Result<(Gemma2Config, Weights)> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
             return Err(Error::Missing {
                 what: "Gemma-2 text encoder config".into(),
+                hint: format!(
+                    "point at a diffusers pipeline folder whose text_encoder/ holds config.json and \
+                     model*.safetensors (e.g. Efficient-Large-Model/Sana_1600M_1024px_diffusers); download it: {}",
+                    crate::hub::download_command(&config_path)
+                ),
                 path: config_path,
-                hint: "point at a diffusers pipeline folder whose text_encoder/ holds config.json and \
-                       model*.safetensors (e.g. Efficient-Large-Model/Sana_1600M_1024px_diffusers)"
-                    .into(),
             });
         }
         let config = Gemma2Config::from_file(&config_path)?;
-        let vb = Weights::from_folder(dir, &["model"])?
-            .strip_prefix("model.")
-            .var_builder(dtype, device);
-        Self::new(&config, vb).map_err(|e| match e {
+        let weights = Weights::from_folder(dir, &["model"])?.strip_prefix("model.");
+        if weights.contains("embed_tokens.weight") {
+            let shape = weights.shape("embed_tokens.weight")?;
+            if shape.first() != Some(&config.vocab_size) {
+                return Err(Error::model(
+                    &config_path,
+                    format!(
+                        "vocab_size is {} but the weights' embed_tokens.weight has shape {shape:?} ({}): the \
+                         config and the weights come from different models; download text_encoder/ again: {}",
+                        config.vocab_size,
+                        weights.file_of("embed_tokens.weight").display(),
+                        crate::hub::download_folder_command(dir)
+                    ),
+                ));
+            }
+        }
+        Ok((config, weights))
+    }
+
+    /// Loads `config.json` and the (single or sharded) `model*.safetensors` of a `text_encoder/` folder,
+    /// converting the weights to `dtype`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let (config, weights) = Self::open(dir)?;
+        Self::from_weights(&config, weights, dir, dtype, device)
+    }
+
+    /// Builds the encoder from weights opened by [`Self::open`] on `dir` (named in errors), in `dtype`.
+    pub fn from_weights(
+        config: &Gemma2Config,
+        weights: Weights,
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::new(config, weights.var_builder(dtype, device)).map_err(|e| match e {
             Error::Candle(e) => Error::model(dir, e.to_string()),
             e => e,
         })

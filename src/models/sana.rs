@@ -97,9 +97,28 @@ impl SanaConfig {
     /// Reads `<dir>/config.json`.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
+        if !path.is_file() {
+            return Err(Error::Missing {
+                what: "transformer config".into(),
+                hint: format!(
+                    "a diffusers SanaTransformer2DModel folder (the `transformer/` folder of a SANA pipeline) holds \
+                     config.json and diffusion_pytorch_model.safetensors; download it: {}",
+                    crate::hub::download_command(&path)
+                ),
+                path,
+            });
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::model(&path, format!("invalid transformer config: {e}")))
+        serde_json::from_str(&text).map_err(|e| {
+            Error::model(
+                &path,
+                format!(
+                    "invalid transformer config ({e}): the file is damaged or not a diffusers config; download \
+                     it again: {}",
+                    crate::hub::download_command(&path)
+                ),
+            )
+        })
     }
 
     /// Model width D = heads · head_dim.

@@ -87,7 +87,7 @@ mod tests {
             t.join().unwrap();
         }
         let peak = peak.load(Ordering::SeqCst);
-        assert!(peak <= 100 && peak >= 60, "peak {peak}");
+        assert!((60..=100).contains(&peak), "peak {peak}");
         assert_eq!(budget.in_use(), 0);
     }
 }

@@ -686,6 +686,15 @@ impl<'a> Trainer<'a> {
 
         // the store, checked against the teacher before loading anything heavy
         let store = LatentStore::open(&opts.latents)?;
+        // every teacher component this run loads, checked cheaply (configs, weight headers, tokenizer), so that
+        // a damaged file is named before the store's fingerprints are compared and before anything is written
+        let mut components = vec!["transformer"];
+        if !opts.validation_prompts.is_empty() {
+            components.extend(["vae", "text_encoder", "tokenizer"]);
+        } else if !store.config().validation_prompts.is_empty() {
+            components.push("vae");
+        }
+        crate::hub::check_pipeline(&opts.pretrained_model_name_or_path, &components)?;
         compat::check_fits_teacher(
             store.config(),
             &opts.latents,

@@ -18,6 +18,7 @@ mod golden_sampler;
 mod golden_sana;
 mod grad_checkpoint;
 mod loader;
+mod model_faults;
 mod prep_buckets;
 mod prep_e2e;
 mod prep_faults;
