@@ -147,6 +147,22 @@ pub fn init_logging_with(default_filter: &str) {
         .init();
 }
 
+/// The progress bar of a job over `total` rows (`unit` names them: "rows", "rows verified"), hidden when
+/// `enabled` is false; `{msg}` carries the job's notes (e.g. rows skipped).
+pub fn rows_bar(total: u64, enabled: bool, unit: &str) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    let template =
+        format!("{{spinner}} [{{elapsed_precise}}] {{bar:40}} {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}  {{msg}}");
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
 /// Writes one line to stdout; when the reader has gone (`sprint-prep --inspect STORE | head`), the process
 /// ends quietly with status 0 instead of panicking as `println!` does on a broken pipe.
 pub fn print_line(line: std::fmt::Arguments) {

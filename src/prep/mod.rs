@@ -540,20 +540,6 @@ pub fn non_finite(row: &LatentRow, config: &StoreConfig) -> Option<BadRow> {
     })
 }
 
-fn progress_bar(total: u64, enabled: bool) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} rows  {per_sec}  ETA {eta}  {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb
-}
-
 /// Test hook: abort the process (as a kill would) after this many commits.
 fn kill_after_commits() -> Option<usize> {
     std::env::var("SPRINT_PREP_KILL_AFTER_COMMITS")
@@ -665,7 +651,7 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
     let mine_rows: usize = mine.iter().map(|p| p.len).sum();
     let already = mine_rows - pending.len();
     let pending: Arc<HashSet<String>> = Arc::new(pending.into_iter().collect());
-    let pb = progress_bar(pending.len() as u64, opts.progress);
+    let pb = crate::cli::rows_bar(pending.len() as u64, opts.progress, "rows");
     if worker.count > 1 {
         pb.set_prefix(format!("worker {}/{}", worker.index + 1, worker.count));
     }

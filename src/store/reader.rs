@@ -306,13 +306,38 @@ impl RowReader {
     }
 }
 
+/// The six columns of a batch read from a store, typed (an error names the store and the column).
+pub(crate) struct RowColumns<'a> {
+    pub ids: &'a StringArray,
+    pub caps: &'a StringArray,
+    pub lat: &'a ListArray,
+    pub shp: &'a FixedSizeListArray,
+    pub emb: &'a ListArray,
+    pub lens: &'a Int32Array,
+}
+
+impl<'a> RowColumns<'a> {
+    pub(crate) fn of(path: &Path, b: &'a RecordBatch) -> Result<Self> {
+        Ok(Self {
+            ids: column::<StringArray>(path, b, columns::ID)?,
+            caps: column::<StringArray>(path, b, columns::CAPTION)?,
+            lat: column::<ListArray>(path, b, columns::LATENT)?,
+            shp: column::<FixedSizeListArray>(path, b, columns::LATENT_SHAPE)?,
+            emb: column::<ListArray>(path, b, columns::PROMPT_EMBEDS)?,
+            lens: column::<Int32Array>(path, b, columns::PROMPT_LEN)?,
+        })
+    }
+}
+
 fn stored_rows(path: &Path, b: &RecordBatch) -> Result<Vec<StoredRow>> {
-    let ids = column::<StringArray>(path, b, columns::ID)?;
-    let caps = column::<StringArray>(path, b, columns::CAPTION)?;
-    let lat = column::<ListArray>(path, b, columns::LATENT)?;
-    let shp = column::<FixedSizeListArray>(path, b, columns::LATENT_SHAPE)?;
-    let emb = column::<ListArray>(path, b, columns::PROMPT_EMBEDS)?;
-    let lens = column::<Int32Array>(path, b, columns::PROMPT_LEN)?;
+    let RowColumns {
+        ids,
+        caps,
+        lat,
+        shp,
+        emb,
+        lens,
+    } = RowColumns::of(path, b)?;
     (0..b.num_rows())
         .map(|i| {
             let s = shp.value(i);

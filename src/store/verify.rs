@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, Float32Type, Int32Type};
-use arrow_array::{Array, FixedSizeListArray, Int32Array, ListArray, RecordBatch, StringArray};
+use arrow_array::{Array, ListArray, RecordBatch, StringArray};
 use futures::{FutureExt, TryStreamExt};
 use lance::dataset::Dataset;
 use lance::table::format::Fragment;
@@ -908,13 +908,14 @@ impl RowChecker<'_> {
 
     /// Checks every row of a batch whose first row is at `offset`; returns how many rows were bad.
     fn batch(&mut self, path: &Path, b: &RecordBatch, offset: u64) -> Result<u64> {
-        use super::reader::column;
-        let ids = column::<StringArray>(path, b, columns::ID)?;
-        let caps = column::<StringArray>(path, b, columns::CAPTION)?;
-        let lat = column::<ListArray>(path, b, columns::LATENT)?;
-        let shp = column::<FixedSizeListArray>(path, b, columns::LATENT_SHAPE)?;
-        let emb = column::<ListArray>(path, b, columns::PROMPT_EMBEDS)?;
-        let lens = column::<Int32Array>(path, b, columns::PROMPT_LEN)?;
+        let super::reader::RowColumns {
+            ids,
+            caps,
+            lat,
+            shp,
+            emb,
+            lens,
+        } = super::reader::RowColumns::of(path, b)?;
         let (max_len, d) = (
             self.config.max_sequence_length,
             self.config.text_hidden_size,
@@ -1035,7 +1036,7 @@ pub fn verify(path: &Path, progress: bool) -> Result<VerifyReport> {
         damage: damage.iter().map(|d| d.what.clone()).collect(),
         ..Default::default()
     };
-    let pb = progress_bar(report.rows_expected.unwrap_or(0), progress);
+    let pb = crate::cli::rows_bar(report.rows_expected.unwrap_or(0), progress, "rows verified");
     let infos = fragment_infos(&ds);
     let projection = std::sync::Arc::new(ds.schema().clone());
     let mut checker = RowChecker {
@@ -1161,20 +1162,6 @@ fn fragment_ids(
         ids.extend((0..col.len()).map(|i| col.value(i).to_string()));
     }
     Some(ids)
-}
-
-fn progress_bar(total: u64, enabled: bool) -> indicatif::ProgressBar {
-    if !enabled {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} rows verified  {per_sec}  ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb
 }
 
 #[cfg(test)]
