@@ -147,3 +147,13 @@ pub fn small_store_config(
         validation_max_sequence_length: None,
     }
 }
+
+/// Every value of a tensor as f32, flattened (for bit and finiteness checks).
+pub fn f32_values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}

@@ -127,14 +127,7 @@ fn optimiser_flags_are_refused_as_torch_does() {
 }
 
 fn all_finite(t: &candle_core::Tensor) -> bool {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .all(|v| v.is_finite())
+    crate::common::f32_values(t).iter().all(|v| v.is_finite())
 }
 
 /// `--learning_rate 1e30` blows the weights up after the first update: every later step's gradient norm is

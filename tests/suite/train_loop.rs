@@ -247,12 +247,7 @@ pub(crate) fn assert_identical(a: &Path, b: &Path) {
         let (x, y) = (&ta[&name], &tb[&name]);
         assert_eq!(x.dims(), y.dims(), "{name}");
         let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .unwrap()
-                .to_dtype(candle_core::DType::F32)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
+            crate::common::f32_values(t)
                 .into_iter()
                 .map(f32::to_bits)
                 .collect()
