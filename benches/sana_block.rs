@@ -1,7 +1,8 @@
 //! One real-width SANA-Sprint 1.6B transformer block on the CPU (D 2240, self-attention 70×32 linear, cross
 //! attention 20×112 over 300 caption tokens, FFN 5600 on a 32×32 grid = 1024 tokens, batch 1, f32, random
-//! weights): forward (frozen weights), forward with Var weights (graph kept), forward + JVP (tangents on the
-//! tokens and on tmod), forward + backward (Var weights). Prints median times, then the peak memory of each
+//! weights): the FFN's widest matmul alone (the matmul library's rate), forward (frozen weights), forward
+//! with Var weights (graph kept), forward + JVP (tangents on the tokens and on tmod), forward + backward (Var
+//! weights). Prints median times, then the peak memory of each
 //! pass, each measured once in a fresh child process (VmHWM from /proc/self/status, reset through
 //! /proc/self/clear_refs after the set-up; Linux/glibc).
 //! Run: `cargo bench --profile dev --bench sana_block [-- ITERS]`; the PyTorch counterpart is
@@ -255,6 +256,21 @@ fn main() -> anyhow::Result<()> {
         GRID * GRID,
         candle_core::utils::get_num_threads()
     );
+
+    // the matmul library alone: the FFN's widest product, as a Linear computes it (x · Wᵀ)
+    let (a, w) = (
+        Tensor::randn(0f32, 1.0, (GRID * GRID, bench.x.dim(2)?), &Device::Cpu)?,
+        Tensor::randn(0f32, 1.0, (5600, bench.x.dim(2)?), &Device::Cpu)?,
+    );
+    let t = time("matmul 1024x2240 * 2240x5600", 3 * iters, || {
+        a.matmul(&w.t().expect("transpose")).expect("matmul")
+    });
+    println!(
+        "{:<28} {:.0} GFLOP/s",
+        "",
+        2.0 * (GRID * GRID * a.dim(1)? * 5600) as f64 / t / 1e9
+    );
+    drop((a, w));
 
     let times: Vec<f64> = Pass::ALL
         .iter()

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::models::weights::Weights;
 use crate::nn::dual::{self, Dual, Linear};
-use crate::nn::{attention, depthwise, norm};
+use crate::nn::{attention, depthwise, fused, norm};
 use crate::{Error, Result};
 
 /// Width of the sinusoidal timestep features fed to the timestep MLPs.
@@ -246,11 +246,6 @@ fn scale_shift_table(vb: &VarBuilder, rows: usize, dim: usize) -> Result<Tensor>
     )?)
 }
 
-/// `y = LN(x)·(1 + scale) + shift`.
-fn modulate(normed: &Dual, shift: &Dual, scale: &Dual) -> Result<Dual> {
-    Ok(normed.mul(&scale.affine(1.0, 1.0)?)?.add(shift)?)
-}
-
 /// (B, N, H·d) → (B, H, N, d), contiguous for batched matmuls.
 fn split_heads(x: &Dual, heads: usize) -> Result<Dual> {
     let (b, n, inner) = x.primal.dims3()?;
@@ -427,16 +422,8 @@ impl GluMbConv {
                 .forward(x)?
                 .silu()?
                 .reshape((b, height, width, 2 * self.hidden))?;
-        let d = depthwise::depthwise_conv2d_channels_last(
-            &a,
-            &self.conv_depth_weight,
-            Some(&self.conv_depth_bias),
-        )?;
-        let (h, gate) = (
-            d.narrow(3, 0, self.hidden)?,
-            d.narrow(3, self.hidden, self.hidden)?,
-        );
-        let gated = h.mul(&gate.silu()?)?.reshape((b, n, self.hidden))?;
+        let gated = depthwise::depthwise_glu(&a, &self.conv_depth_weight, &self.conv_depth_bias)?
+            .reshape((b, n, self.hidden))?;
         Ok(self.conv_point.forward(&gated)?)
     }
 }
@@ -529,9 +516,9 @@ impl SanaTransformerBlock {
             unreachable!("chunk(6) yields six parts")
         };
 
-        let h = modulate(&norm::layer_norm(x, self.norm_eps)?, shift_msa, scale_msa)?;
+        let h = norm::layer_norm_modulate(x, shift_msa, scale_msa, self.norm_eps)?;
         let attn = self.attn1.forward(&h, &h, self_attention, None)?;
-        let x = x.add(&gate_msa.mul(&attn)?)?;
+        let x = fused::gated_residual(x, gate_msa, &attn)?;
 
         let x =
             x.add(
@@ -540,9 +527,9 @@ impl SanaTransformerBlock {
                     .forward_kv(&x, &kv.0, &kv.1, SelfAttention::Softmax, mask_bias)?,
             )?;
 
-        let h = modulate(&norm::layer_norm(&x, self.norm_eps)?, shift_mlp, scale_mlp)?;
+        let h = norm::layer_norm_modulate(&x, shift_mlp, scale_mlp, self.norm_eps)?;
         let ff = self.ff.forward(&h, height, width)?;
-        Ok(x.add(&gate_mlp.mul(&ff)?)?)
+        Ok(fused::gated_residual(&x, gate_mlp, &ff)?)
     }
 }
 
@@ -978,7 +965,7 @@ impl SanaTransformer2DModel {
         let table = Dual::constant(self.scale_shift_table.unsqueeze(0)?);
         let shift_scale = temb.reshape((b, 1, dim))?.add(&table)?;
         let (shift, scale) = (shift_scale.narrow(1, 0, 1)?, shift_scale.narrow(1, 1, 1)?);
-        let hidden = modulate(&norm::layer_norm(hidden, NORM_OUT_EPS)?, &shift, &scale)?;
+        let hidden = norm::layer_norm_modulate(hidden, &shift, &scale, NORM_OUT_EPS)?;
         let out = self.proj_out.forward(&hidden)?;
 
         // unpatchify: (B, N, p·p·C) → (B, H', W', p, p, C) → (B, C, H'·p, W'·p)

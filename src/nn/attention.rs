@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor, D};
 
 use crate::nn::dual::{compute_dtype, Dual};
+use crate::nn::fused::attach;
 
 /// Softmax over the last dim in f32 (composed, so it has a backward): ṗ = p ⊙ (ż − Σ p ż).
 pub fn softmax_last_dim(x: &Dual) -> Result<Dual> {
@@ -39,11 +40,36 @@ pub fn softmax_attention(
 ) -> Result<Dual> {
     let (dtype, cdt) = (q.dtype(), compute_dtype(q.dtype()));
     let (q, k, v) = (q.to_dtype(cdt)?, k.to_dtype(cdt)?, v.to_dtype(cdt)?);
-    let mut scores = q.matmul(&k.transpose(2, 3)?)?.affine(scale, 0.)?;
+    let raw = q.matmul(&k.transpose(2, 3)?)?;
+    let bias = bias.map(|b| b.to_dtype(cdt)).transpose()?;
+    let p = if raw.tangent.is_some() {
+        scaled_softmax_composed(&raw, scale, bias.as_ref())?
+    } else {
+        Dual::constant(scaled_softmax(&raw.primal, scale, bias)?)
+    };
+    p.matmul(&v)?.to_dtype(dtype)
+}
+
+/// `softmax(s·scale + bias)` over the last dim, composed of [`Dual`] ops.
+fn scaled_softmax_composed(raw: &Dual, scale: f64, bias: Option<&Tensor>) -> Result<Dual> {
+    let mut scores = raw.affine(scale, 0.)?;
     if let Some(bias) = bias {
-        scores = scores.add(&Dual::constant(bias.to_dtype(cdt)?))?;
+        scores = scores.add(&Dual::constant(bias.clone()))?;
     }
-    softmax_last_dim(&scores)?.matmul(&v)?.to_dtype(dtype)
+    softmax_last_dim(&scores)
+}
+
+/// [`scaled_softmax_composed`] without a tangent, as one graph node that keeps only its output p (`nn::fused`;
+/// the composed ops keep five score-sized tensors). Backward: ds = scale·(g ⊙ p − p·Σ g ⊙ p); the mask
+/// bias is a constant and gets no gradient.
+fn scaled_softmax(raw: &Tensor, scale: f64, bias: Option<Tensor>) -> Result<Tensor> {
+    let value =
+        scaled_softmax_composed(&Dual::constant(raw.detach()), scale, bias.as_ref())?.primal;
+    attach("scaled-softmax", value, &[raw], move |_args, p, grad| {
+        let gp = (grad.to_dtype(p.dtype())? * p)?;
+        let grad_raw = (&gp - p.broadcast_mul(&gp.sum_keepdim(D::Minus1)?)?)?.affine(scale, 0.)?;
+        Ok(vec![Some(grad_raw)])
+    })
 }
 
 /// Sana's ReLU-kernel linear attention in f32 (f64 for f64 inputs; `SanaLinearAttnProcessor2_0`), token-major: q, k, v (B,H,N,d)
@@ -89,6 +115,46 @@ mod tests {
             let (q, k, v) = split(x)?;
             softmax_attention(&q, &k, &v, 0.5, None)
         })?;
+        Ok(())
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composed_ops_in_value_and_gradients() -> Result<()> {
+        use crate::nn::fused::tests::compare;
+        use candle_core::{DType, Device};
+        let dev = Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+            let scores = Tensor::randn(0f64, 3., (2, 3, 5, 9), &dev)?.to_dtype(dtype)?;
+            // a padding mask over the last 4 keys, broadcast over heads and queries
+            let mask: Vec<f64> = (0..2 * 9)
+                .map(|i| if i % 9 >= 5 { -1e4 } else { 0. })
+                .collect();
+            let bias = Tensor::from_vec(mask, (2, 1, 1, 9), &dev)?.to_dtype(dtype)?;
+            for bias in [None, Some(bias)] {
+                let (value, grad, scale) = compare(
+                    std::slice::from_ref(&scores),
+                    &|t| scaled_softmax(&t[0], 0.3, bias.clone()),
+                    &|t| {
+                        Ok(scaled_softmax_composed(
+                            &Dual::constant(t[0].clone()),
+                            0.3,
+                            bias.as_ref(),
+                        )?
+                        .primal)
+                    },
+                )?;
+                let masked = bias.is_some();
+                assert_eq!(
+                    value, 0.0,
+                    "{dtype:?} mask {masked}: the forward is the composed forward"
+                );
+                assert!(
+                    grad <= tol * scale,
+                    "{dtype:?} mask {masked}: gradients differ by {grad}"
+                );
+            }
+        }
         Ok(())
     }
 }

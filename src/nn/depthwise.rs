@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use crate::nn::conv::pad2d;
 use crate::nn::dual::Dual;
+use crate::nn::fused::attach;
 
 /// Depthwise 2-D convolution (stride 1, zero padding k/2, odd k) on channels-last input x (B,H,W,C) as a sum
 /// of k² shifted slices times per-channel weights; `weight` in PyTorch layout (C,1,kh,kw). The zero-padded
@@ -140,35 +141,95 @@ impl candle_core::CustomOp3 for DepthwiseConvBackward {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (kh, kw) = (self.kh, self.kw);
-        let (x, g) = (x.detach(), grad.detach().to_dtype(x.dtype())?);
-        let taps = conv_taps(&weight.detach())?;
-        // the kernel flipped in both spatial dims = the tap rows in reverse order
-        let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
-        let flipped = taps.index_select(&Tensor::new(reversed, taps.device())?, 0)?;
-        let grad_x = shifted_sum_conv(&g, &flipped, kh, kw)?;
-
-        let (b, h, w, c) = x.dims4()?;
-        let (padded, row, len) = padded_rows(&x, kh, kw)?;
-        let g_rows = g
-            .pad_with_zeros(2, 0, row - w)?
-            .reshape((b, h * row, c))?
-            .narrow(1, 0, len)?;
-        let per_tap = (0..kh * kw)
-            .map(|k| {
-                let (dy, dx) = (k / kw, k % kw);
-                padded
-                    .narrow(1, dy * row + dx, len)?
-                    .mul(&g_rows)?
-                    .sum((0, 1))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let grad_w = Tensor::stack(&per_tap, 0)?
-            .t()?
-            .reshape((c, 1, kh, kw))?
-            .to_dtype(weight.dtype())?;
+        let (grad_x, grad_w) = conv_grads(x, weight, grad, self.kh, self.kw)?;
         Ok((None, Some(grad_x), Some(grad_w)))
     }
+}
+
+/// Gradients of the channels-last depthwise conv of x (B, H, W, C) with `weight` (C, 1, kh, kw) given the
+/// output's gradient: dx = conv(dy, flipped kernel), dw[c, i, j] = Σ x_pad[·, y+i, x+j, c]·dy[·, y, x, c].
+fn conv_grads(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    kh: usize,
+    kw: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (x, g) = (x.detach(), grad.detach().to_dtype(x.dtype())?);
+    let taps = conv_taps(&weight.detach())?;
+    // the kernel flipped in both spatial dims = the tap rows in reverse order
+    let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
+    let flipped = taps.index_select(&Tensor::new(reversed, taps.device())?, 0)?;
+    let grad_x = shifted_sum_conv(&g, &flipped, kh, kw)?;
+
+    let (b, h, w, c) = x.dims4()?;
+    let (padded, row, len) = padded_rows(&x, kh, kw)?;
+    let g_rows = g
+        .pad_with_zeros(2, 0, row - w)?
+        .reshape((b, h * row, c))?
+        .narrow(1, 0, len)?;
+    let per_tap = (0..kh * kw)
+        .map(|k| {
+            let (dy, dx) = (k / kw, k % kw);
+            padded
+                .narrow(1, dy * row + dx, len)?
+                .mul(&g_rows)?
+                .sum((0, 1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let grad_w = Tensor::stack(&per_tap, 0)?
+        .t()?
+        .reshape((c, 1, kh, kw))?
+        .to_dtype(weight.dtype())?;
+    Ok((grad_x, grad_w))
+}
+
+/// The middle of SANA's GLUMBConv on channels-last a (B, H, W, 2C): the depthwise conv plus bias, split into
+/// halves h and gate along the channels, then h ⊙ silu(gate) → (B, H, W, C).
+///
+/// Without a tangent it is one graph node over (a, weight, bias) that keeps only its output (`nn::fused`): the
+/// composed form keeps the conv's output twice, the biased output, silu(gate) and the product, the largest
+/// activations of a SANA block. Backward recomputes the conv (d = conv(a) + bias), then
+/// dh = g ⊙ silu(gate), dgate = g ⊙ h ⊙ σ(gate)·(1 + gate·(1 − σ(gate))), db = Σ [dh, dgate], and the conv's own
+/// gradients of [dh, dgate].
+pub fn depthwise_glu(a: &Dual, weight: &Tensor, bias: &Tensor) -> Result<Dual> {
+    let composed = |a: &Dual, weight: &Tensor, bias: &Tensor| -> Result<Dual> {
+        let d = depthwise_conv2d_channels_last(a, weight, Some(bias))?;
+        let c = d.dims()[3] / 2;
+        let (h, gate) = (d.narrow(3, 0, c)?, d.narrow(3, c, c)?);
+        h.mul(&gate.silu()?)
+    };
+    if a.tangent.is_some() {
+        return composed(a, weight, bias);
+    }
+    let value = composed(
+        &Dual::constant(a.primal.detach()),
+        &weight.detach(),
+        &bias.detach(),
+    )?
+    .primal;
+    let (_, _, kh, kw) = weight.dims4()?;
+    let primal = attach(
+        "depthwise-glu",
+        value,
+        &[&a.primal, weight, bias],
+        move |args, _res, grad| {
+            let (a, weight, bias) = (args[0].detach(), args[1].detach(), args[2].detach());
+            let d = shifted_sum_conv(&a, &conv_taps(&weight)?, kh, kw)?.broadcast_add(&bias)?;
+            let c = d.dim(3)? / 2;
+            let (h, gate) = (d.narrow(3, 0, c)?, d.narrow(3, c, c)?);
+            let g = grad.to_dtype(d.dtype())?;
+            let sig = (gate.neg()?.exp()? + 1.)?.recip()?;
+            let slope = ((&gate * sig.affine(-1., 1.)?)? + 1.)?;
+            let grad_h = (&g * gate.silu()?)?;
+            let grad_gate = ((&g * &h)? * (sig * slope)?)?;
+            let grad_d = Tensor::cat(&[&grad_h, &grad_gate], 3)?;
+            let grad_bias = grad_d.sum((0, 1, 2))?.to_dtype(bias.dtype())?;
+            let (grad_a, grad_w) = conv_grads(&a, &weight, &grad_d, kh, kw)?;
+            Ok(vec![Some(grad_a), Some(grad_w), Some(grad_bias)])
+        },
+    )?;
+    Ok(Dual::constant(primal))
 }
 
 /// Elements per channel chunk of [`depthwise_conv2d`] on the CPU: small enough for its k² passes to stay in
@@ -265,6 +326,34 @@ mod tests {
     use crate::nn::dual::tests::check_rule;
     use crate::nn::test_util::max_abs_diff;
     use candle_core::Device;
+
+    #[test]
+    fn fused_depthwise_glu_matches_the_composed_ops_in_value_and_gradients() -> Result<()> {
+        use crate::nn::fused::tests::compare;
+        use candle_core::{DType, Device};
+        let dev = Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+            let rand = |shape: &[usize]| Tensor::randn(0f64, 1., shape, &dev)?.to_dtype(dtype);
+            // a (B, H, W, 2C) input on a non-square grid, the depthwise weight and bias
+            let inputs = [rand(&[2, 3, 5, 8])?, rand(&[8, 1, 3, 3])?, rand(&[8])?];
+            let (value, grad, scale) = compare(
+                &inputs,
+                &|t| Ok(depthwise_glu(&Dual::constant(t[0].clone()), &t[1], &t[2])?.primal),
+                &|t| {
+                    let d = depthwise_conv2d_channels_last(
+                        &Dual::constant(t[0].clone()),
+                        &t[1],
+                        Some(&t[2]),
+                    )?;
+                    Ok(d.narrow(3, 0, 4)?.mul(&d.narrow(3, 4, 4)?.silu()?)?.primal)
+                },
+            )?;
+            assert_eq!(value, 0.0, "{dtype:?}: the forward is the composed forward");
+            assert!(grad <= tol * scale, "{dtype:?}: gradients differ by {grad}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn channels_last_tangent_rule_agrees_with_central_differences() -> Result<()> {

@@ -6,6 +6,7 @@ pub mod conv; // NCHW conv2d, 1x1 and grouped 1x1 convs, pixel (un)shuffle, chan
 pub mod depthwise; // the two depthwise convs: channels-last (Dual, custom backward) and NCHW
 pub mod dual; // Dual (primal + tangent) tensors, their elementwise rules, Linear, timestep features
 pub mod frozen; // matmul with a frozen weight: backward skips the weight gradient
+pub mod fused; // one graph node for a chain of ops (keeps its output only): the training forward's memory diet
 pub mod norm; // LayerNorm, RMSNorm (Dual, last dim) and channel RMSNorm (NCHW)
 
 /// Helpers shared by the unit tests of this module's files.

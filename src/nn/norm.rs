@@ -4,6 +4,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::nn::dual::{compute_dtype, Dual};
+use crate::nn::fused::{attach, sum_to};
 
 /// LayerNorm without affine over the last dim, computed in f32 (f64 for f64 input) and cast back:
 /// ẏ = (ẋ − mean(ẋ) − n·mean(n ⊙ ẋ)) / σ with n the normalised input.
@@ -32,9 +33,94 @@ pub fn layer_norm(x: &Dual, eps: f64) -> Result<Dual> {
     })
 }
 
+/// `LN(x)·(1 + scale) + shift` (LayerNorm without affine, then SANA's adaLN modulation; `scale` and `shift`
+/// broadcast over the tokens), with LayerNorm computed in f32 (f64 for f64 input) and the modulation in x's
+/// dtype. Without tangents it is one graph node that keeps only its output (`nn::fused`); its backward
+/// recomputes the normalised input n and σ from x: dshift = Σ g, dscale = Σ g ⊙ n, and with ḡ = g ⊙ (1 + scale),
+/// dx = (ḡ − mean(ḡ) − n·mean(ḡ ⊙ n)) / σ.
+pub fn layer_norm_modulate(x: &Dual, shift: &Dual, scale: &Dual, eps: f64) -> Result<Dual> {
+    let composed = |x: &Dual, shift: &Dual, scale: &Dual| -> Result<Dual> {
+        layer_norm(x, eps)?
+            .mul(&scale.affine(1.0, 1.0)?)?
+            .add(shift)
+    };
+    if x.tangent.is_some() || shift.tangent.is_some() || scale.tangent.is_some() {
+        return composed(x, shift, scale);
+    }
+    let detached = |d: &Dual| Dual::constant(d.primal.detach());
+    let value = composed(&detached(x), &detached(shift), &detached(scale))?.primal;
+    let inputs = [&x.primal, &scale.primal, &shift.primal];
+    let primal = attach(
+        "layer-norm-modulate",
+        value,
+        &inputs,
+        move |args, _res, grad| {
+            let (x, scale, shift) = (args[0].detach(), args[1].detach(), args[2]);
+            let (dtype, cdt) = (x.dtype(), compute_dtype(x.dtype()));
+            let xf = x.to_dtype(cdt)?;
+            let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+            let inv_std = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                .sqrt()?
+                .recip()?;
+            let normed = centred.broadcast_mul(&inv_std)?;
+            let grad_shift = sum_to(grad, shift.shape())?;
+            let grad_scale = sum_to(
+                &grad.broadcast_mul(&normed.to_dtype(dtype)?)?,
+                scale.shape(),
+            )?;
+            let g = grad
+                .broadcast_mul(&scale.affine(1.0, 1.0)?)?
+                .to_dtype(cdt)?;
+            let along = normed.broadcast_mul(&(&g * &normed)?.mean_keepdim(D::Minus1)?)?;
+            let grad_x = g
+                .broadcast_sub(&g.mean_keepdim(D::Minus1)?)?
+                .sub(&along)?
+                .broadcast_mul(&inv_std)?
+                .to_dtype(dtype)?;
+            Ok(vec![Some(grad_x), Some(grad_scale), Some(grad_shift)])
+        },
+    )?;
+    Ok(Dual::constant(primal))
+}
+
 /// diffusers `RMSNorm` with weight over the last dim, computed in f32 (f64 for f64 input) and cast back:
 /// y = w ⊙ x·r, r = (mean(x²) + eps)^(−1/2); ẏ = w ⊙ r·(ẋ − x·r²·mean(x ⊙ ẋ)).
+/// Without a tangent it is one graph node that keeps only its output (`nn::fused`); its backward:
+/// with u = x·r and ḡ = g ⊙ w, dx = r·(ḡ − u·mean(u ⊙ ḡ)), dw = Σ g ⊙ u over every dim but the last.
 pub fn rms_norm(x: &Dual, weight: &Tensor, eps: f64) -> Result<Dual> {
+    if x.tangent.is_some() {
+        return rms_norm_composed(x, weight, eps);
+    }
+    let value =
+        rms_norm_composed(&Dual::constant(x.primal.detach()), &weight.detach(), eps)?.primal;
+    let primal = attach(
+        "rms-norm",
+        value,
+        &[&x.primal, weight],
+        move |args, _res, grad| {
+            let (x, w) = (args[0].detach(), args[1].detach());
+            let cdt = compute_dtype(x.dtype());
+            let (xf, wf, g) = (x.to_dtype(cdt)?, w.to_dtype(cdt)?, grad.to_dtype(cdt)?);
+            let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                .sqrt()?
+                .recip()?;
+            let u = xf.broadcast_mul(&r)?;
+            let grad_w = if args[1].track_op() {
+                Some(sum_to(&(&g * &u)?, wf.shape())?.to_dtype(w.dtype())?)
+            } else {
+                None
+            };
+            let gu = g.broadcast_mul(&wf)?;
+            let along = u.broadcast_mul(&(&u * &gu)?.mean_keepdim(D::Minus1)?)?;
+            let grad_x = (gu - along)?.broadcast_mul(&r)?.to_dtype(x.dtype())?;
+            Ok(vec![Some(grad_x), grad_w])
+        },
+    )?;
+    Ok(Dual::constant(primal))
+}
+
+/// The composed form of [`rms_norm`] (its forward, and the rule for tangents).
+fn rms_norm_composed(x: &Dual, weight: &Tensor, eps: f64) -> Result<Dual> {
     let (dtype, cdt) = (x.dtype(), compute_dtype(x.dtype()));
     let xf = x.primal.to_dtype(cdt)?;
     let w = weight.to_dtype(cdt)?;
@@ -92,6 +178,53 @@ mod tests {
         let w = Tensor::randn(1f64, 0.1, 8, &Device::Cpu)?;
         check_rule("layer_norm", &[2, 3, 8], &|x| layer_norm(x, 1e-6))?;
         check_rule("rms_norm", &[2, 3, 8], &|x| rms_norm(x, &w, 1e-5))?;
+        Ok(())
+    }
+
+    #[test]
+    fn fused_norms_match_the_composed_ops_in_value_and_gradients() -> Result<()> {
+        use crate::nn::fused::tests::compare;
+        let dev = Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+            let rand = |shape: &[usize]| Tensor::randn(0f64, 1., shape, &dev)?.to_dtype(dtype);
+            let c = |t: &Tensor| Dual::constant(t.clone());
+            // x, scale, shift (scale and shift broadcast over the tokens, as the block's chunks are)
+            let inputs = [rand(&[2, 7, 16])?, rand(&[2, 1, 16])?, rand(&[2, 1, 16])?];
+            let (value, grad, scale) = compare(
+                &inputs,
+                &|t| Ok(layer_norm_modulate(&c(&t[0]), &c(&t[2]), &c(&t[1]), 1e-6)?.primal),
+                &|t| {
+                    Ok(layer_norm(&c(&t[0]), 1e-6)?
+                        .mul(&c(&t[1]).affine(1.0, 1.0)?)?
+                        .add(&c(&t[2]))?
+                        .primal)
+                },
+            )?;
+            assert_eq!(
+                value, 0.0,
+                "{dtype:?}: LN + modulate forward is the composed forward"
+            );
+            assert!(
+                grad <= tol * scale,
+                "{dtype:?}: LN + modulate gradients differ by {grad}"
+            );
+            // x and a trainable weight
+            let inputs = [rand(&[2, 7, 16])?, rand(&[16])?];
+            let (value, grad, scale) = compare(
+                &inputs,
+                &|t| Ok(rms_norm(&c(&t[0]), &t[1], 1e-5)?.primal),
+                &|t| Ok(rms_norm_composed(&c(&t[0]), &t[1], 1e-5)?.primal),
+            )?;
+            assert_eq!(
+                value, 0.0,
+                "{dtype:?}: RMSNorm forward is the composed forward"
+            );
+            assert!(
+                grad <= tol * scale,
+                "{dtype:?}: RMSNorm gradients differ by {grad}"
+            );
+        }
         Ok(())
     }
 

@@ -2,9 +2,9 @@
 
 D 2240, self-attention 70x32 (SanaLinearAttnProcessor2_0), cross attention 20x112 over 300 caption tokens (120
 valid), GLUMBConv FFN 5600 on a 32x32 grid (1024 tokens), batch 1, float32, random (default-init) weights.
-Times: forward (no grad, default processors), forward + JVP (torch.func.jvp along the tokens and tmod; the
-cross-attention uses explicit matmul/softmax as the training script does, SDPA has no forward-mode rule),
-forward + backward (parameter gradients). Prints figures only.
+Times: the FFN's widest matmul alone (the matmul library's rate), forward (no grad, default processors),
+forward + JVP (torch.func.jvp along the tokens and tmod; the cross-attention uses explicit matmul/softmax as the
+training script does, SDPA has no forward-mode rule), forward + backward (parameter gradients). Prints figures only.
 
 Pinned versions: torch 2.15.0, diffusers 0.42.1 (the /work/venv reference environment).
 Run: /work/venv/bin/python tools/golden/bench_sana_block.py [ITERS] [THREADS]
@@ -95,6 +95,10 @@ def main():
         return
 
     with torch.no_grad():
+        # the matmul library alone: the FFN's widest product, as a Linear computes it (x @ W^T)
+        a, w = torch.randn(GRID * GRID, dim), torch.randn(5600, dim)
+        t = bench("matmul 1024x2240 * 2240x5600", 3 * iters, lambda: torch.nn.functional.linear(a, w))
+        print(f"{'':<28} {2 * GRID * GRID * dim * 5600 / t / 1e9:.0f} GFLOP/s")
         fwd = bench("forward", iters, lambda: run(x, tmod))
         block.attn2.set_processor(ExplicitSoftmaxAttn())
         bench("forward (explicit softmax)", iters, lambda: run(x, tmod))
