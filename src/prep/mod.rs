@@ -598,7 +598,8 @@ pub fn run(opts: &PrepOptions, hubc: &HubConfig) -> Result<PrepReport> {
                     &opts.output,
                     format!(
                         "{why}: concurrent workers could store rows twice there. Use an endpoint that does \
-                         (AWS S3, MinIO, Cloudflare R2, moto, ...) or run a single worker"
+                         ({}) or run a single worker",
+                        crate::store::location::conditional_write_services(remote.scheme())
                     ),
                 ));
             }

@@ -1,5 +1,6 @@
-//! Where a store lives — a local folder or an object-store URI (`s3://bucket/path.lance`) — and the files
-//! sana-sprint keeps there next to Lance's own (`_sprint/`: leases, shard identities, the creation marker).
+//! Where a store lives — a local folder or an object-store URI (`s3://bucket/path.lance`, and
+//! `az://container/path.lance` in a build with `--features azure`) — and the files sana-sprint keeps there next
+//! to Lance's own (`_sprint/`: leases, shard identities, the creation marker).
 //!
 //! Lance reads and writes both kinds itself; everything else goes through this module, which has two
 //! back ends:
@@ -9,10 +10,13 @@
 //!   "is it local" ([`remote`] returns `None`) and sizes folders.
 //! * **object store** ([`Remote`], any `scheme://` URI): the object store Lance itself opens
 //!   for the URI (`lance::io::ObjectStore`), so credentials, endpoint and region come from the same place as
-//!   Lance's (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
-//!   `AWS_ALLOW_HTTP`, profiles, instance roles). Create-if-absent is a conditional put
-//!   (`PutMode::Create`, S3 `If-None-Match: *`), an update is a conditional put on the e-tag read
+//!   Lance's: the `AWS_*` variables, profiles and instance roles for `s3://`, the `AZURE_STORAGE_*` variables
+//!   for `az://` ([`settings_hint`] names them in messages). Create-if-absent is a conditional put
+//!   (`PutMode::Create`: `If-None-Match: *` on S3 and Azure), an update is a conditional put on the e-tag read
 //!   (`PutMode::Update`, `If-Match`), a folder is a `list` of its prefix.
+//! * **a scheme this build lacks** (`az://` without `--features azure`, `gs://`, …) is refused by
+//!   [`check_scheme`] with the cargo feature to build with, before Lance would answer with its generic
+//!   "no object store provider" message.
 //!
 //! An endpoint that ignores conditional writes would make both of two racing creates succeed: leases would
 //! not be exclusive, and neither would Lance's own commits (they rely on `If-None-Match` too).
@@ -24,29 +28,96 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::{StreamExt, TryStreamExt};
-use lance::io::{ObjectStore, ObjectStoreParams, ObjectStoreRegistry};
+use lance::io::{ObjectStore, ObjectStoreParams, ObjectStoreRegistry, StorageOptionsAccessor};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectMeta, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use crate::error::{Error, Result};
 
-/// True when `path` is a URI (`s3://…`; also `gs://`, `az://`, `memory://`, `file://` where this build's
-/// Lance supports them): `scheme://` with a scheme of letters, digits, `+`, `-`, `.` starting with a letter.
-/// Plain paths are local folders.
+/// True when `path` is a URI (`s3://…`; also `az://`, `memory://`, `file://`, … — [`check_scheme`] says
+/// whether this build opens it): `scheme://` with a scheme of letters, digits, `+`, `-`, `.` starting with a
+/// letter. Plain paths are local folders.
 pub fn is_remote(path: &Path) -> bool {
-    let Some(s) = path.to_str() else {
-        return false;
-    };
-    let Some((scheme, _)) = s.split_once("://") else {
-        return false;
-    };
-    scheme
+    scheme(path).is_some()
+}
+
+/// The scheme of a URI (`s3` for `s3://bucket/x`), `None` for a local path.
+pub fn scheme(path: &Path) -> Option<&str> {
+    let (scheme, _) = path.to_str()?.split_once("://")?;
+    let well_formed = scheme
         .chars()
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic())
         && scheme
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    well_formed.then_some(scheme)
+}
+
+/// Refuses a URI whose scheme this build cannot open, saying how to get one that can: `az://` needs
+/// `--features azure`; `gs://` is not offered (see [`refusal`]). Local paths and the schemes this build's
+/// Lance registers pass.
+pub fn check_scheme(path: &Path) -> Result<()> {
+    let Some(scheme) = scheme(path) else {
+        return Ok(());
+    };
+    let registry = ObjectStoreRegistry::default();
+    match refusal(scheme, |s| registry.get_provider(s).is_some()) {
+        None => Ok(()),
+        Some(why) => Err(Error::store(path, why)),
+    }
+}
+
+/// Why `scheme://` stores cannot be opened by a build whose Lance has a provider for the schemes `built_in`
+/// accepts; `None` when they can.
+fn refusal(scheme: &str, built_in: impl Fn(&str) -> bool) -> Option<String> {
+    if built_in(scheme) {
+        return None;
+    }
+    let mut offered = vec!["local folders", "s3://"];
+    if built_in("az") {
+        offered.push("az://");
+    }
+    let offered = offered.join(", ");
+    Some(match scheme {
+        "az" | "abfss" | "azure" | "abfs" | "adl" => format!(
+            "{scheme}:// stores (Azure Blob Storage) need a build with `--features azure` (cargo build --release \
+             --features azure); this build opens {offered} stores"
+        ),
+        "gs" | "gcs" => format!(
+            "{scheme}:// stores (Google Cloud Storage) are not offered: no GCS emulator at hand honours the \
+             conditional writes that the store's leases and Lance's commits rely on, so that back end is \
+             untested (README, \"Stores on object storage\"). This build opens {offered} stores"
+        ),
+        _ => format!("{scheme}:// stores are not supported: this build opens {offered} stores"),
+    })
+}
+
+/// Where the endpoint, region and credentials of `scheme://` stores come from, for messages.
+pub fn settings_hint(scheme: &str) -> &'static str {
+    match scheme {
+        "s3" | "s3+ddb" => {
+            "the endpoint, region and credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, \
+             AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL (with AWS_ALLOW_HTTP=true for http://), AWS_PROFILE \
+             or the instance role"
+        }
+        "az" | "abfss" => {
+            "the account and credentials come from AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY \
+             (or AZURE_STORAGE_SAS_TOKEN, AZURE_STORAGE_TOKEN, AZURE_STORAGE_CLIENT_ID / \
+             AZURE_STORAGE_CLIENT_SECRET / AZURE_STORAGE_TENANT_ID, a managed identity), another endpoint from \
+             AZURE_STORAGE_ENDPOINT (with AZURE_ALLOW_HTTP=true for http://); Azurite: \
+             AZURE_STORAGE_USE_EMULATOR=true and AZURITE_BLOB_STORAGE_URL"
+        }
+        _ => "the settings come from the variables Lance reads for this scheme",
+    }
+}
+
+/// Services known to honour conditional writes for `scheme://` stores, for messages.
+pub fn conditional_write_services(scheme: &str) -> &'static str {
+    match scheme {
+        "az" | "abfss" => "Azure Blob Storage, Azurite, ...",
+        _ => "AWS S3, MinIO, Cloudflare R2, moto, ...",
+    }
 }
 
 /// The store at `path` on its object store, or `None` for a local folder.
@@ -143,19 +214,32 @@ impl std::fmt::Debug for Remote {
 
 impl Remote {
     fn open(uri: &str) -> Result<Remote> {
+        Remote::open_with(uri, HashMap::new())
+    }
+
+    /// The store at `uri` opened with explicit Lance storage options (`azure_storage_endpoint`, …; the
+    /// environment's settings fill in the rest), bypassing the per-process cache of [`remote`]: each call is
+    /// a client of its own, like another process.
+    pub fn open_with(uri: &str, options: HashMap<String, String>) -> Result<Remote> {
+        check_scheme(Path::new(uri))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("store-bookkeeping")
             .enable_all()
             .build()
             .map_err(|e| Error::io("tokio runtime", e))?;
+        let params = ObjectStoreParams {
+            storage_options_accessor: (!options.is_empty())
+                .then(|| Arc::new(StorageOptionsAccessor::with_static_options(options))),
+            ..Default::default()
+        };
         let (store, base) = rt
             .block_on(ObjectStore::from_uri_and_params(
                 Arc::new(ObjectStoreRegistry::default()),
                 uri,
-                &ObjectStoreParams::default(),
+                &params,
             ))
-            .map_err(|e| Error::store(uri, format!("cannot open the object store: {e}")))?;
+            .map_err(|e| open_error(uri, e))?;
         Ok(Remote {
             uri: uri.to_string(),
             store,
@@ -170,6 +254,11 @@ impl Remote {
         &self.uri
     }
 
+    /// The URI's scheme (`s3`, `az`).
+    pub fn scheme(&self) -> &str {
+        self.uri.split("://").next().unwrap_or("")
+    }
+
     /// `<uri>/<rel>`, for messages.
     pub fn display(&self, rel: &str) -> PathBuf {
         PathBuf::from(format!("{}/{rel}", self.uri))
@@ -182,7 +271,16 @@ impl Remote {
     }
 
     fn err(&self, rel: &str, e: object_store::Error) -> Error {
-        Error::store(self.display(rel), e.to_string())
+        let denied = matches!(
+            e,
+            object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+        );
+        let mut msg = e.to_string();
+        if denied {
+            msg = format!("{msg} ({})", settings_hint(self.scheme()));
+        }
+        Error::store(self.display(rel), msg)
     }
 
     /// The object `rel`, or `None` when absent.
@@ -582,7 +680,7 @@ fn object_at(path: &Path) -> Result<(tokio::runtime::Runtime, Arc<ObjectStore>, 
             &uri,
             &ObjectStoreParams::default(),
         ))
-        .map_err(|e| Error::store(&uri, format!("cannot open the object store: {e}")))?;
+        .map_err(|e| open_error(&uri, e))?;
     Ok((rt, store, key))
 }
 
@@ -591,6 +689,7 @@ pub fn read_whole(path: &Path) -> Result<Vec<u8>> {
     if !is_remote(path) {
         return std::fs::read(path).map_err(|e| Error::io(path, e));
     }
+    check_scheme(path)?;
     let (rt, store, key) = object_at(path)?;
     rt.block_on(async {
         let got = store.inner.get(&key).await?;
@@ -609,10 +708,23 @@ pub fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
         }
         return std::fs::write(path, bytes).map_err(|e| Error::io(path, e));
     }
+    check_scheme(path)?;
     let (rt, store, key) = object_at(path)?;
     rt.block_on(store.inner.put(&key, PutPayload::from(bytes.to_vec())))
         .map(|_| ())
         .map_err(|e| Error::store(path, e.to_string()))
+}
+
+/// Lance could not open the object store of `uri`: its reason, and where the settings come from.
+fn open_error(uri: &str, e: lance::Error) -> Error {
+    let scheme = uri.split("://").next().unwrap_or("");
+    Error::store(
+        uri,
+        format!(
+            "cannot open the object store: {e} ({})",
+            settings_hint(scheme)
+        ),
+    )
 }
 
 fn hostname_hint() -> String {
@@ -670,5 +782,75 @@ mod tests {
             percent_decode("train_000.parquet%230-2.json"),
             "train_000.parquet#0-2.json"
         );
+    }
+
+    #[test]
+    fn a_scheme_not_built_in_is_refused_naming_the_feature() {
+        // this build: what its Lance registers
+        for ok in [
+            "x.lance",
+            "/data/x.lance",
+            "s3://b/x.lance",
+            "memory://x",
+            "file:///tmp/x",
+        ] {
+            check_scheme(Path::new(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let az = check_scheme(Path::new("az://c/x.lance"));
+        if cfg!(feature = "azure") {
+            az.unwrap();
+        } else {
+            let msg = az.unwrap_err().to_string();
+            assert!(
+                msg.contains(
+                    "az:// stores (Azure Blob Storage) need a build with `--features azure`"
+                ),
+                "{msg}"
+            );
+        }
+        let gs = check_scheme(Path::new("gs://b/x.lance"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            gs.starts_with(
+                "latent store gs://b/x.lance: gs:// stores (Google Cloud Storage) are not offered"
+            ),
+            "{gs}"
+        );
+        // a remote store, a report URI and Lance's dataset URI all go through the check
+        assert!(remote(Path::new("gs://b/x.lance"))
+            .unwrap_err()
+            .to_string()
+            .contains("not offered"));
+        assert!(read_whole(Path::new("gs://b/r.json"))
+            .unwrap_err()
+            .to_string()
+            .contains("not offered"));
+
+        // the messages whatever this build has: one with only s3, one with az too
+        let s3_only = |s: &str| s == "s3";
+        let with_az = |s: &str| s == "s3" || s == "az";
+        let msg = refusal("az", s3_only).unwrap();
+        assert!(
+            msg.contains("`--features azure`")
+                && msg.ends_with("opens local folders, s3:// stores"),
+            "{msg}"
+        );
+        assert_eq!(refusal("az", with_az), None);
+        let msg = refusal("abfss", with_az).unwrap();
+        assert!(msg.contains("`--features azure`"), "{msg}");
+        let msg = refusal("gs", with_az).unwrap();
+        assert!(
+            msg.contains("not offered")
+                && msg.ends_with("opens local folders, s3://, az:// stores"),
+            "{msg}"
+        );
+        let msg = refusal("hf", s3_only).unwrap();
+        assert_eq!(
+            msg,
+            "hf:// stores are not supported: this build opens local folders, s3:// stores"
+        );
+        assert!(settings_hint("az").contains("AZURE_STORAGE_ACCOUNT_NAME"));
+        assert!(settings_hint("s3").contains("AWS_ACCESS_KEY_ID"));
     }
 }

@@ -38,9 +38,11 @@ pub use reader::{FloatValues, LatentStore, RowReader, StoredRow};
 pub use schema::{columns, schema, FloatEncoding, LatentRow, StoreDType};
 pub use writer::{OpenMode, StoreWriter};
 
-/// What Lance is given for a store: the path as written, or the URI (`s3://bucket/x.lance`).
-fn uri(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
+/// What Lance is given for a store: the path as written, or the URI (`s3://bucket/x.lance`); a URI whose
+/// scheme this build lacks is refused naming the cargo feature to build with (`location::check_scheme`).
+fn uri(path: &Path) -> Result<String> {
+    location::check_scheme(path)?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
 fn runtime_with(worker_threads: usize) -> Result<tokio::runtime::Runtime> {

@@ -497,7 +497,8 @@ pub async fn check_open(path: &Path, ds: &Dataset) -> Result<()> {
 /// remedy. A latest manifest that cannot be read makes Lance fail, or panic (lance 14 subtracts past zero on a
 /// truncated one): both are caught, and the message names the manifest.
 pub fn open_dataset(rt: &tokio::runtime::Runtime, path: &Path) -> Result<Dataset> {
-    let opened = rt.block_on(AssertUnwindSafe(Dataset::open(&uri(path))).catch_unwind());
+    let uri = uri(path)?;
+    let opened = rt.block_on(AssertUnwindSafe(Dataset::open(&uri)).catch_unwind());
     let (text, panicked, not_found) = match opened {
         Ok(Ok(ds)) => return Ok(ds),
         Ok(Err(e)) => {

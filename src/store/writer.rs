@@ -106,19 +106,21 @@ impl StoreWriter {
                 mode: write_mode,
                 ..Default::default()
             };
-            Ok(rt.block_on(Dataset::write(empty, uri(path).as_str(), Some(params)))?)
+            Ok(rt.block_on(Dataset::write(empty, uri(path)?.as_str(), Some(params)))?)
         };
         // Several workers may start on a new store at once. Lance records a creation on an existing dataset
         // as an overwrite, which would drop the rows another worker appended meanwhile, so exactly one worker
         // creates the store: the one that makes `_sprint/creating` (an exclusive file create); the others wait
         // until the store opens.
-        let created = if !exists {
-            if creation_lock(path)? {
-                let ds = create(WriteMode::Create);
-                remove_creation_marker(path);
-                Some(ds?)
-            } else {
-                None
+        let created = if !exists && creation_lock(path)? {
+            let ds = create(WriteMode::Create);
+            remove_creation_marker(path);
+            match ds {
+                Ok(ds) => Some(ds),
+                // another worker created the store and removed its marker between our existence check and
+                // our marker: open it as the others do
+                Err(_) if super::location::store_exists(path)? => None,
+                Err(e) => return Err(e),
             }
         } else {
             None
@@ -142,7 +144,11 @@ impl StoreWriter {
                     {
                         std::thread::sleep(std::time::Duration::from_millis(100));
                     }
-                    Err(e) => return Err(e),
+                    // the creator may have committed and removed its marker between our open and the check
+                    Err(e) => match super::verify::open_dataset(&rt, path) {
+                        Ok(ds) => break ds,
+                        Err(_) => return Err(e),
+                    },
                 }
             };
             let stored = read_config(path, &ds)?;
@@ -376,7 +382,7 @@ fn creation_marker_exists(path: &Path) -> bool {
 /// The ids stored at `path` now (a worker taking over another's part re-reads them).
 pub fn stored_ids(path: &Path) -> Result<HashSet<String>> {
     let rt = runtime()?;
-    let ds = rt.block_on(Dataset::open(&uri(path)))?;
+    let ds = rt.block_on(Dataset::open(&uri(path)?))?;
     rt.block_on(read_ids(&ds))
 }
 

@@ -19,6 +19,7 @@ mod golden_sana;
 mod grad_checkpoint;
 mod loader;
 mod model_faults;
+mod object_stores;
 mod prep_buckets;
 mod prep_e2e;
 mod prep_faults;

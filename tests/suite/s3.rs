@@ -224,7 +224,7 @@ fn an_s3_store_is_prepared_by_three_workers_inspected_compacted_trained_on_and_r
     );
 }
 
-fn prep_inspect(uri: &str, report: Option<&str>) -> Command {
+pub(crate) fn prep_inspect(uri: &str, report: Option<&str>) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sprint-prep"));
     c.args(["--inspect", uri]);
     if let Some(r) = report {
