@@ -64,14 +64,16 @@ mod azure {
     use std::collections::HashMap;
     use std::net::{TcpListener, TcpStream};
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Output, Stdio};
+    use std::process::{Child, Command, Stdio};
     use std::sync::{Arc, Barrier};
     use std::time::{Duration, Instant};
 
     use sana_sprint::store::location::{Files, Remote};
 
-    use crate::prep_parallel::{assert_ok, prep, root, text, wait_all, worker};
-    use crate::s3::{prep_inspect, python};
+    use crate::prep_parallel::text;
+    use crate::s3::{
+        python, read_from_python_and_train, three_workers_rerun_and_inspect, Endpoint,
+    };
 
     /// Azurite's one account and its well-known key (the emulator's documented default, not a secret).
     const ACCOUNT: &str = "devstoreaccount1";
@@ -174,17 +176,6 @@ urllib.request.urlopen(req)
             azurite
         }
 
-        /// The variables a user sets for Azurite (README): the emulator switch, its URL, the account.
-        fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
-            c.env("AZURE_STORAGE_USE_EMULATOR", "true")
-                .env("AZURITE_BLOB_STORAGE_URL", &self.url)
-                .env("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
-        }
-
-        fn run(&self, mut c: Command) -> Output {
-            self.env(&mut c).output().unwrap()
-        }
-
         /// The same endpoint as explicit storage options, the way another Azure-compatible endpoint is named
         /// (account, key, endpoint URL), for clients opened in this process.
         fn options(&self) -> HashMap<String, String> {
@@ -197,6 +188,15 @@ urllib.request.urlopen(req)
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect()
+        }
+    }
+
+    impl Endpoint for Azurite {
+        /// The variables a user sets for Azurite (README): the emulator switch, its URL, the account.
+        fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+            c.env("AZURE_STORAGE_USE_EMULATOR", "true")
+                .env("AZURITE_BLOB_STORAGE_URL", &self.url)
+                .env("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
         }
     }
 
@@ -214,76 +214,10 @@ urllib.request.urlopen(req)
         };
         let azurite = Azurite::start(&bin, &py);
         let d = tempfile::tempdir().unwrap();
-        let single = d.path().join("single.lance");
-        assert_ok(&[prep(&single, "train_*.parquet", &[]).output().unwrap()]);
-
-        // three workers, torchrun-style, started together into one store on Azurite
         let uri = format!("az://{CONTAINER}/runs/multi.lance");
-        let az = Path::new(&uri);
-        let children = (0..3)
-            .map(|r| {
-                let mut c = worker(az, r, 3, &["--part_rows", "3"]);
-                azurite.env(&mut c).spawn().unwrap()
-            })
-            .collect();
-        assert_ok(&wait_all(children));
-
-        // row for row with pylance, through the same endpoint (the AZURE_* variables)
-        let mut compare = Command::new(&py);
-        compare
-            .arg(root().join("tools/compare_stores.py"))
-            .arg(&single)
-            .arg(&uri);
-        let o = azurite.run(compare);
-        assert!(
-            o.status.success(),
-            "3 workers on Azure vs 1 process: {}",
-            text(&o)
-        );
-
-        // a rerun (one process, same parts) finds every row stored and writes nothing
-        let rerun = azurite.run(prep(az, "train_*.parquet", &["--part_rows", "3"]));
-        assert_ok(std::slice::from_ref(&rerun));
-        assert!(
-            text(&rerun).contains(" 0 encoded, 0 written"),
-            "{}",
-            text(&rerun)
-        );
-
-        // --inspect, with a worker's report read from next to the store
         let report = format!("az://{CONTAINER}/runs/multi.worker-2-of-3.report.json");
-        let inspected = azurite.run(prep_inspect(&uri, Some(&report)));
-        let shown = text(&inspected);
-        assert!(inspected.status.success(), "{shown}");
-        assert!(
-            shown.contains("parts            9 leased, 9 done, 0 running"),
-            "{shown}"
-        );
-        assert!(shown.contains("duplicate ids    none"), "{shown}");
-        assert!(!shown.contains("no run report"), "{shown}");
-
-        // the README's Python reading
-        let mut read = Command::new(&py);
-        read.arg(root().join("tools/read_store.py")).arg(&uri);
-        let o = azurite.run(read);
-        assert!(o.status.success(), "{}", text(&o));
-
-        // two training steps reading the store on Azurite
-        let train_dir = d.path().join("train");
-        let mut t = Command::new(env!("CARGO_BIN_EXE_sprint-train"));
-        t.args(["--demo", "--latents", &uri, "--output_dir"])
-            .arg(&train_dir)
-            .args(["--max_train_steps", "2", "--no_progress"])
-            .env("HF_HUB_OFFLINE", "1");
-        let trained = azurite.run(t);
-        assert!(trained.status.success(), "{}", text(&trained));
-        assert!(
-            train_dir
-                .join("transformer/diffusion_pytorch_model.safetensors")
-                .is_file(),
-            "{}",
-            text(&trained)
-        );
+        three_workers_rerun_and_inspect(&azurite, &py, d.path(), &uri, &report);
+        read_from_python_and_train(&azurite, &py, d.path(), &uri);
     }
 
     /// Runs `op` on two clients of their own at the same moment (a barrier releases both); their results.

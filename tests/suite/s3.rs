@@ -114,6 +114,102 @@ impl Drop for Moto {
     }
 }
 
+/// A local object-store server the end-to-end tests point commands at (moto for S3, Azurite for Azure).
+pub(crate) trait Endpoint {
+    /// The variables a user sets for this server.
+    fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command;
+
+    fn run(&self, mut c: Command) -> Output {
+        self.env(&mut c).output().unwrap()
+    }
+}
+
+impl Endpoint for Moto {
+    fn env<'a>(&self, c: &'a mut Command) -> &'a mut Command {
+        Moto::env(self, c)
+    }
+}
+
+/// `tools/compare_stores.py`: the store at `uri` equals the local `single` row for row, read with pylance
+/// through the endpoint.
+pub(crate) fn assert_same_rows(e: &impl Endpoint, py: &Path, single: &Path, uri: &str, what: &str) {
+    let mut c = Command::new(py);
+    c.arg(root().join("tools/compare_stores.py"))
+        .arg(single)
+        .arg(uri);
+    let o = e.run(c);
+    assert!(o.status.success(), "{what}: {}", text(&o));
+}
+
+/// The path every object-store test shares, for a store `uri` not yet written: a local single-process store
+/// of the demo shards in `dir`; three workers (torchrun-style variables) started together into `uri`, equal to
+/// it row for row; a rerun that finds every row stored and writes nothing; `--inspect` with worker 2's report
+/// `report` read from next to the store, showing every part done and no duplicate. Returns the local store
+/// and what `--inspect` printed.
+pub(crate) fn three_workers_rerun_and_inspect(
+    e: &impl Endpoint,
+    py: &Path,
+    dir: &Path,
+    uri: &str,
+    report: &str,
+) -> (PathBuf, String) {
+    let single = dir.join("single.lance");
+    assert_ok(&[prep(&single, "train_*.parquet", &[]).output().unwrap()]);
+
+    let store = Path::new(uri);
+    let children = (0..3)
+        .map(|r| {
+            let mut c = worker(store, r, 3, &["--part_rows", "3"]);
+            e.env(&mut c).spawn().unwrap()
+        })
+        .collect();
+    assert_ok(&wait_all(children));
+    assert_same_rows(e, py, &single, uri, "3 workers vs 1 local process");
+
+    let rerun = e.run(prep(store, "train_*.parquet", &["--part_rows", "3"]));
+    assert_ok(std::slice::from_ref(&rerun));
+    assert!(
+        text(&rerun).contains(" 0 encoded, 0 written"),
+        "{}",
+        text(&rerun)
+    );
+
+    let inspected = e.run(prep_inspect(uri, Some(report)));
+    let shown = text(&inspected);
+    assert!(inspected.status.success(), "{shown}");
+    assert!(
+        shown.contains("parts            9 leased, 9 done, 0 running"),
+        "{shown}"
+    );
+    assert!(shown.contains("duplicate ids    none"), "{shown}");
+    assert!(!shown.contains("no run report"), "{shown}");
+    (single, shown)
+}
+
+/// The README's Python reading of the store at `uri`, then two training steps reading it (into `dir/train`).
+pub(crate) fn read_from_python_and_train(e: &impl Endpoint, py: &Path, dir: &Path, uri: &str) {
+    let mut read = Command::new(py);
+    read.arg(root().join("tools/read_store.py")).arg(uri);
+    let o = e.run(read);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let train_dir = dir.join("train");
+    let mut t = Command::new(env!("CARGO_BIN_EXE_sprint-train"));
+    t.args(["--demo", "--latents", uri, "--output_dir"])
+        .arg(&train_dir)
+        .args(["--max_train_steps", "2", "--no_progress"])
+        .env("HF_HUB_OFFLINE", "1");
+    let trained = e.run(t);
+    assert!(trained.status.success(), "{}", text(&trained));
+    assert!(
+        train_dir
+            .join("transformer/diffusion_pytorch_model.safetensors")
+            .is_file(),
+        "{}",
+        text(&trained)
+    );
+}
+
 #[test]
 fn an_s3_store_is_prepared_by_three_workers_inspected_compacted_trained_on_and_read_from_python() {
     let Some(py) = python() else {
@@ -128,56 +224,10 @@ fn an_s3_store_is_prepared_by_three_workers_inspected_compacted_trained_on_and_r
     };
     let moto = Moto::start(&py);
     let d = tempfile::tempdir().unwrap();
-    let single = d.path().join("single.lance");
-    assert_ok(&[prep(&single, "train_*.parquet", &[]).output().unwrap()]);
-
-    // three workers, torchrun-style, into one store on S3
     let uri = format!("s3://{BUCKET}/runs/multi.lance");
-    let s3 = Path::new(&uri);
-    let children = (0..3)
-        .map(|r| {
-            let mut c = worker(s3, r, 3, &["--part_rows", "3"]);
-            moto.env(&mut c).spawn().unwrap()
-        })
-        .collect();
-    let outputs = wait_all(children);
-    assert_ok(&outputs);
-    let compare = |what: &str| {
-        let o = moto.run({
-            let mut c = Command::new(&py);
-            c.arg(root().join("tools/compare_stores.py"))
-                .arg(&single)
-                .arg(&uri);
-            c
-        });
-        assert!(o.status.success(), "{what}: {}", text(&o));
-    };
-    compare("3 workers on S3 vs 1 local process");
-
-    // a rerun (one process, same parts) finds every row stored and writes nothing
-    let rerun = moto.run(prep(s3, "train_*.parquet", &["--part_rows", "3"]));
-    assert_ok(std::slice::from_ref(&rerun));
-    assert!(
-        text(&rerun).contains(" 0 encoded, 0 written"),
-        "{}",
-        text(&rerun)
-    );
-    // the per-worker reports were written next to the store, on S3
-    let report = moto.run(prep_inspect(
-        &uri,
-        Some(&format!(
-            "s3://{BUCKET}/runs/multi.worker-2-of-3.report.json"
-        )),
-    ));
-    let shown = text(&report);
-    assert!(report.status.success(), "{shown}");
-    assert!(
-        shown.contains("parts            9 leased, 9 done, 0 running"),
-        "{shown}"
-    );
-    assert!(shown.contains("duplicate ids    none"), "{shown}");
+    let report = format!("s3://{BUCKET}/runs/multi.worker-2-of-3.report.json");
+    let (single, shown) = three_workers_rerun_and_inspect(&moto, &py, d.path(), &uri, &report);
     assert!(shown.contains("bad rows         "), "{shown}");
-    assert!(!shown.contains("no run report"), "{shown}");
 
     // compaction keeps every row
     let mut c = Command::new(env!("CARGO_BIN_EXE_sprint-prep"));
@@ -189,39 +239,9 @@ fn an_s3_store_is_prepared_by_three_workers_inspected_compacted_trained_on_and_r
         "{}",
         text(&compacted)
     );
-    compare("after compaction");
+    assert_same_rows(&moto, &py, &single, &uri, "after compaction");
 
-    // the README's Python reading, through the same endpoint
-    let o = moto.run({
-        let mut c = Command::new(&py);
-        c.arg(root().join("tools/read_store.py")).arg(&uri);
-        c
-    });
-    assert!(o.status.success(), "{}", text(&o));
-
-    // a few training steps reading the S3 store
-    let train_dir = d.path().join("train");
-    let mut t = Command::new(env!("CARGO_BIN_EXE_sprint-train"));
-    t.args([
-        "--demo",
-        "--latents",
-        &uri,
-        "--output_dir",
-        train_dir.to_str().unwrap(),
-        "--max_train_steps",
-        "2",
-        "--no_progress",
-    ])
-    .env("HF_HUB_OFFLINE", "1");
-    let trained = moto.run(t);
-    assert!(trained.status.success(), "{}", text(&trained));
-    assert!(
-        train_dir
-            .join("transformer/diffusion_pytorch_model.safetensors")
-            .is_file(),
-        "{}",
-        text(&trained)
-    );
+    read_from_python_and_train(&moto, &py, d.path(), &uri);
 }
 
 pub(crate) fn prep_inspect(uri: &str, report: Option<&str>) -> Command {
