@@ -485,7 +485,21 @@ fn chaos_prep_killed_repeatedly_stores_every_row_once() {
     let seed = 0x9e37_79b9u64;
     let mut rng = Rng(seed);
     let started = Instant::now();
-    let (mut kills, mut polite, mut runs) = (0, 0, 0);
+    let (mut kills, mut polite, mut runs, mut rounds) = (0, 0, 0, 1);
+    // A run that finishes before the twelfth stop (a fast machine outruns the random delays) ends a round: its
+    // store is checked, then removed, and the chaos starts again on an empty store, so every pass of the test
+    // makes the same twelve stops whatever the machine's speed.
+    let mut finished_early = |kills: usize| {
+        assert!(kills < 12);
+        assert_same_store(&chaos, &report, &want);
+        std::fs::remove_dir_all(&chaos).unwrap();
+        let _ = std::fs::remove_file(&report);
+        rounds += 1;
+        assert!(
+            rounds <= 20,
+            "every run of the last 20 rounds finished before its stop"
+        );
+    };
     loop {
         runs += 1;
         let mut cmd = prep_command(&chaos);
@@ -502,7 +516,8 @@ fn chaos_prep_killed_repeatedly_stores_every_row_once() {
         if hook {
             let status = wait_for(&mut child, Duration::from_secs(120)).expect("hung");
             if status.success() {
-                break;
+                finished_early(kills);
+                continue;
             }
         } else if kills % 5 == 3 {
             std::thread::sleep(rng.millis(1200, 2500));
@@ -511,7 +526,8 @@ fn chaos_prep_killed_repeatedly_stores_every_row_once() {
             assert!(status.success(), "after SIGTERM: {out}\n{err}");
             let r = sana_sprint::prep::report::PrepReport::read(&report).unwrap();
             if r.status == "finished" {
-                break;
+                finished_early(kills);
+                continue;
             }
             assert_eq!(r.status, "stopped by SIGTERM", "{out}");
             assert!(out.contains("rerun the same command"), "{out}");
@@ -519,7 +535,8 @@ fn chaos_prep_killed_repeatedly_stores_every_row_once() {
         } else {
             std::thread::sleep(rng.millis(300, 2500));
             if child.try_wait().unwrap().is_some_and(|s| s.success()) {
-                break;
+                finished_early(kills);
+                continue;
             }
             child.kill().unwrap();
             child.wait().unwrap();
@@ -535,17 +552,28 @@ fn chaos_prep_killed_repeatedly_stores_every_row_once() {
         kills += 1;
     }
     eprintln!(
-        "prep chaos (seed {seed:#x}): {kills} stops ({polite} by SIGTERM) over {runs} runs in {:.1} s",
+        "prep chaos (seed {seed:#x}): {kills} stops ({polite} by SIGTERM) over {runs} runs in {rounds} \
+         round(s), {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    assert!(kills >= 12, "prep finished after only {kills} stops");
+    assert_eq!(kills, 12);
     assert!(
         polite >= 1,
         "no SIGTERM stop landed before the run finished"
     );
-    let got = rows_by_id(&chaos);
+    assert_same_store(&chaos, &report, &want);
+}
+
+/// The store at `chaos` holds exactly the rows of `want` (each id once, same values) and its report says the
+/// run finished.
+fn assert_same_store(
+    chaos: &Path,
+    report: &Path,
+    want: &HashMap<String, sana_sprint::store::LatentRow>,
+) {
+    let got = rows_by_id(chaos);
     assert_eq!(got.len(), want.len());
-    for (id, w) in &want {
+    for (id, w) in want {
         let g = &got[id];
         assert_eq!(
             (&g.caption, g.latent_shape, g.prompt_len),
@@ -557,7 +585,7 @@ fn chaos_prep_killed_repeatedly_stores_every_row_once() {
             "{id}: values differ"
         );
     }
-    let r = sana_sprint::prep::report::PrepReport::read(&report).unwrap();
+    let r = sana_sprint::prep::report::PrepReport::read(report).unwrap();
     assert_eq!(r.status, "finished");
 }
 
