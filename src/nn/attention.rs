@@ -75,8 +75,51 @@ fn scaled_softmax(raw: &Tensor, scale: f64, bias: Option<Tensor>) -> Result<Tens
 /// Sana's ReLU-kernel linear attention in f32 (f64 for f64 inputs; `SanaLinearAttnProcessor2_0`), token-major: q, k, v (B,H,N,d)
 /// → (B,H,N,d) in q's dtype. out_n = Σ_m v_m (k'_m·q'_n) / (Σ_m k'_m·q'_n + 1e−15) with q' = relu(q),
 /// k' = relu(k); the normaliser comes from a column of ones appended to v (the reference's padding trick),
-/// whose tangent is zero.
+/// whose tangent is zero. Without tangents it is one graph node that keeps only its output (`nn::fused`); its
+/// backward recomputes k'ᵀ·[v, 1] and q'·(k'ᵀ·[v, 1]) (small: d × (d+1) per head).
 pub fn relu_linear_attention(q: &Dual, k: &Dual, v: &Dual) -> Result<Dual> {
+    if q.tangent.is_some() || k.tangent.is_some() || v.tangent.is_some() {
+        return relu_linear_attention_composed(q, k, v);
+    }
+    let detached = |d: &Dual| Dual::constant(d.primal.detach());
+    let value = relu_linear_attention_composed(&detached(q), &detached(k), &detached(v))?.primal;
+    let inputs = [&q.primal, &k.primal, &v.primal];
+    let primal = attach(
+        "relu-linear-attention",
+        value,
+        &inputs,
+        |args, _res, grad| {
+            // recomputed: q' = relu(q), k' = relu(k), kv = k'ᵀ·[v, 1], out = q'·kv = [num, den − 1e−15]
+            let (q, k, v) = (args[0].detach(), args[1].detach(), args[2].detach());
+            let cdt = compute_dtype(q.dtype());
+            let (qf, kf, vf) = (q.to_dtype(cdt)?, k.to_dtype(cdt)?, v.to_dtype(cdt)?);
+            let (qr, kr) = (qf.relu()?, kf.relu()?);
+            let (b, h, n, d) = vf.dims4()?;
+            let vp = Tensor::cat(&[&vf, &Tensor::ones((b, h, n, 1), cdt, vf.device())?], 3)?;
+            let kv = kr.transpose(2, 3)?.matmul(&vp)?;
+            let out = qr.matmul(&kv)?;
+            let den = (out.narrow(3, d, 1)? + 1e-15)?;
+            let y = out.narrow(3, 0, d)?.broadcast_div(&den)?;
+            // y = num / den: dnum = g / den, dden = −Σ g ⊙ y / den
+            let g = grad.to_dtype(cdt)?;
+            let d_num = g.broadcast_div(&den)?;
+            let d_den = (&g * &y)?.sum_keepdim(3)?.neg()?.broadcast_div(&den)?;
+            let d_out = Tensor::cat(&[&d_num, &d_den], 3)?;
+            let d_qr = d_out.matmul(&kv.transpose(2, 3)?)?;
+            let d_kv = qr.transpose(2, 3)?.matmul(&d_out)?;
+            let d_kr = vp.matmul(&d_kv.transpose(2, 3)?)?;
+            let d_v = kr.matmul(&d_kv)?.narrow(3, 0, d)?;
+            let relu_mask = |t: &Tensor| t.gt(0.)?.to_dtype(cdt);
+            let d_q = (d_qr * relu_mask(&qf)?)?.to_dtype(q.dtype())?;
+            let d_k = (d_kr * relu_mask(&kf)?)?.to_dtype(k.dtype())?;
+            Ok(vec![Some(d_q), Some(d_k), Some(d_v.to_dtype(v.dtype())?)])
+        },
+    )?;
+    Ok(Dual::constant(primal))
+}
+
+/// [`relu_linear_attention`] composed of [`Dual`] ops (its forward, and the rule for tangents).
+fn relu_linear_attention_composed(q: &Dual, k: &Dual, v: &Dual) -> Result<Dual> {
     let (dtype, cdt) = (q.dtype(), compute_dtype(q.dtype()));
     let q = q.relu()?.to_dtype(cdt)?;
     let k = k.relu()?.to_dtype(cdt)?;
@@ -115,6 +158,30 @@ mod tests {
             let (q, k, v) = split(x)?;
             softmax_attention(&q, &k, &v, 0.5, None)
         })?;
+        Ok(())
+    }
+
+    #[test]
+    fn fused_linear_attention_matches_the_composed_ops_in_value_and_gradients() -> Result<()> {
+        use crate::nn::fused::tests::compare;
+        use candle_core::{DType, Device};
+        let dev = Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+            // q and k shifted so that most entries pass the ReLU and the normaliser stays away from 0
+            let rand = |shift: f64| {
+                (Tensor::randn(0f64, 1., (2, 3, 7, 5), &dev)? + shift)?.to_dtype(dtype)
+            };
+            let inputs = [rand(0.5)?, rand(0.5)?, rand(0.0)?];
+            let c = |t: &Tensor| Dual::constant(t.clone());
+            let (value, grad, scale) = compare(
+                &inputs,
+                &|t| Ok(relu_linear_attention(&c(&t[0]), &c(&t[1]), &c(&t[2]))?.primal),
+                &|t| Ok(relu_linear_attention_composed(&c(&t[0]), &c(&t[1]), &c(&t[2]))?.primal),
+            )?;
+            assert_eq!(value, 0.0, "{dtype:?}: the forward is the composed forward");
+            assert!(grad <= tol * scale, "{dtype:?}: gradients differ by {grad}");
+        }
         Ok(())
     }
 

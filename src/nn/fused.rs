@@ -14,8 +14,8 @@
 //! the CPU tests exercise exactly what runs on a GPU.
 //!
 //! The chains fused this way (each with its own gradient test in its module): LayerNorm + modulation and
-//! RMSNorm (`nn::norm`), the scaled, masked softmax (`nn::attention`), the gated residual update (here), and the
-//! GLUMBConv depthwise conv + bias + gate (`nn::depthwise`).
+//! RMSNorm (`nn::norm`), the scaled, masked softmax and the ReLU linear attention (`nn::attention`), the gated
+//! residual update (here), and the GLUMBConv depthwise conv + bias + gate (`nn::depthwise`).
 
 use std::sync::Mutex;
 
