@@ -30,6 +30,22 @@ pub(crate) fn python() -> Option<PathBuf> {
     ok.then_some(py)
 }
 
+/// The test's Python for an S3 test; `None` (the test returns) when `SANA_SPRINT_SKIP_S3=1` asks to skip it;
+/// without one and without that request the test fails, saying what to install.
+pub(crate) fn python_or_skip() -> Option<PathBuf> {
+    if let Some(py) = python() {
+        return Some(py);
+    }
+    if std::env::var("SANA_SPRINT_SKIP_S3").as_deref() == Ok("1") {
+        eprintln!("s3 test SKIPPED on request (SANA_SPRINT_SKIP_S3=1)");
+        return None;
+    }
+    panic!(
+        "this test needs a Python with moto[server] and pylance: run scripts/py-env.sh (or point \
+         SANA_SPRINT_TEST_PYTHON at one), or set SANA_SPRINT_SKIP_S3=1 to skip it"
+    );
+}
+
 /// moto's S3 server on a free loopback port, with a bucket; stopped on drop.
 pub(crate) struct Moto {
     child: Child,
@@ -212,15 +228,8 @@ pub(crate) fn read_from_python_and_train(e: &impl Endpoint, py: &Path, dir: &Pat
 
 #[test]
 fn an_s3_store_is_prepared_by_three_workers_inspected_compacted_trained_on_and_read_from_python() {
-    let Some(py) = python() else {
-        if std::env::var("SANA_SPRINT_SKIP_S3").as_deref() == Ok("1") {
-            eprintln!("s3 test SKIPPED on request (SANA_SPRINT_SKIP_S3=1)");
-            return;
-        }
-        panic!(
-            "this test needs a Python with moto[server] and pylance: run scripts/py-env.sh (or point \
-             SANA_SPRINT_TEST_PYTHON at one), or set SANA_SPRINT_SKIP_S3=1 to skip it"
-        );
+    let Some(py) = python_or_skip() else {
+        return;
     };
     let moto = Moto::start(&py);
     let d = tempfile::tempdir().unwrap();

@@ -640,15 +640,8 @@ fn s3_op(moto: &crate::s3::Moto, py: &Path, args: &[&str]) -> String {
 
 #[test]
 fn damage_of_an_s3_store_is_named_by_its_uri() {
-    let Some(py) = crate::s3::python() else {
-        if std::env::var("SANA_SPRINT_SKIP_S3").as_deref() == Ok("1") {
-            eprintln!("s3 test SKIPPED on request (SANA_SPRINT_SKIP_S3=1)");
-            return;
-        }
-        panic!(
-            "this test needs a Python with moto[server] and pylance: run scripts/py-env.sh (or point \
-             SANA_SPRINT_TEST_PYTHON at one), or set SANA_SPRINT_SKIP_S3=1 to skip it"
-        );
+    let Some(py) = crate::s3::python_or_skip() else {
+        return;
     };
     let moto = crate::s3::Moto::start(&py);
     let prefix = "damage/s.lance";
