@@ -585,12 +585,7 @@ impl TextContext {
             kv: self
                 .kv
                 .iter()
-                .map(|(k, v)| {
-                    (
-                        Dual::constant(k.primal.detach()),
-                        Dual::constant(v.primal.detach()),
-                    )
-                })
+                .map(|(k, v)| (k.detached_constant(), v.detached_constant()))
                 .collect(),
             mask_bias: self.mask_bias.as_ref().map(Tensor::detach),
         }

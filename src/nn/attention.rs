@@ -81,8 +81,12 @@ pub fn relu_linear_attention(q: &Dual, k: &Dual, v: &Dual) -> Result<Dual> {
     if q.tangent.is_some() || k.tangent.is_some() || v.tangent.is_some() {
         return relu_linear_attention_composed(q, k, v);
     }
-    let detached = |d: &Dual| Dual::constant(d.primal.detach());
-    let value = relu_linear_attention_composed(&detached(q), &detached(k), &detached(v))?.primal;
+    let value = relu_linear_attention_composed(
+        &q.detached_constant(),
+        &k.detached_constant(),
+        &v.detached_constant(),
+    )?
+    .primal;
     let inputs = [&q.primal, &k.primal, &v.primal];
     let primal = attach(
         "relu-linear-attention",

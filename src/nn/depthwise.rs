@@ -202,12 +202,7 @@ pub fn depthwise_glu(a: &Dual, weight: &Tensor, bias: &Tensor) -> Result<Dual> {
     if a.tangent.is_some() {
         return composed(a, weight, bias);
     }
-    let value = composed(
-        &Dual::constant(a.primal.detach()),
-        &weight.detach(),
-        &bias.detach(),
-    )?
-    .primal;
+    let value = composed(&a.detached_constant(), &weight.detach(), &bias.detach())?.primal;
     let (_, _, kh, kw) = weight.dims4()?;
     let primal = attach(
         "depthwise-glu",

@@ -67,6 +67,11 @@ impl Dual {
         }
     }
 
+    /// The primal alone, without its graph or tangent: a constant of the same values.
+    pub fn detached_constant(&self) -> Self {
+        Self::constant(self.primal.detach())
+    }
+
     /// A value with a tangent.
     pub fn with_tangent(primal: Tensor, tangent: Tensor) -> Self {
         Self {

@@ -47,8 +47,12 @@ pub fn layer_norm_modulate(x: &Dual, shift: &Dual, scale: &Dual, eps: f64) -> Re
     if x.tangent.is_some() || shift.tangent.is_some() || scale.tangent.is_some() {
         return composed(x, shift, scale);
     }
-    let detached = |d: &Dual| Dual::constant(d.primal.detach());
-    let value = composed(&detached(x), &detached(shift), &detached(scale))?.primal;
+    let value = composed(
+        &x.detached_constant(),
+        &shift.detached_constant(),
+        &scale.detached_constant(),
+    )?
+    .primal;
     let inputs = [&x.primal, &scale.primal, &shift.primal];
     let primal = attach(
         "layer-norm-modulate",
@@ -91,8 +95,7 @@ pub fn rms_norm(x: &Dual, weight: &Tensor, eps: f64) -> Result<Dual> {
     if x.tangent.is_some() {
         return rms_norm_composed(x, weight, eps);
     }
-    let value =
-        rms_norm_composed(&Dual::constant(x.primal.detach()), &weight.detach(), eps)?.primal;
+    let value = rms_norm_composed(&x.detached_constant(), &weight.detach(), eps)?.primal;
     let primal = attach(
         "rms-norm",
         value,
