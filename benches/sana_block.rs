@@ -5,8 +5,10 @@
 //! weights). Prints median times, then the peak memory of each
 //! pass, each measured once in a fresh child process (VmHWM from /proc/self/status, reset through
 //! /proc/self/clear_refs after the set-up; Linux/glibc).
-//! Run: `cargo bench --profile dev --bench sana_block [-- ITERS]`; the PyTorch counterpart is
-//! tools/golden/bench_sana_block.py. Never fails on speed.
+//! Run: `cargo bench --bench sana_block [-- ITERS] [--only 'forward + backward']` (`--only` times one pass
+//! and skips the memory children, for a profiler). The release profile: the FFN's depthwise conv runs this
+//! crate's own CPU loops, which the dev profile builds at opt-level 1 (there the pass is ~1.5x slower). The
+//! PyTorch counterpart is tools/golden/bench_sana_block.py. Never fails on speed.
 
 use std::process::Command;
 use std::time::Instant;
@@ -243,10 +245,19 @@ fn main() -> anyhow::Result<()> {
             Pass::from_label(&label).ok_or_else(|| anyhow::anyhow!("unknown pass {label:?}"))?;
         return measure_memory(pass);
     }
-    let iters: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(3);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let iters: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(3);
+    // `--only LABEL`: time that pass alone and skip the memory children (for profilers)
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .map(|i| {
+            let label = args.get(i + 1).map(String::as_str).unwrap_or("");
+            Pass::from_label(label).ok_or_else(|| {
+                anyhow::anyhow!("--only takes one of {:?}", Pass::ALL.map(|p| p.label()))
+            })
+        })
+        .transpose()?;
     let bench = Bench::new()?;
     println!(
         "SANA 1.6B block: D {}, {} parameters ({:.0} MiB f32), {} tokens, {CAPTION_TOKENS} caption tokens, f32, {} threads",
@@ -272,6 +283,10 @@ fn main() -> anyhow::Result<()> {
     );
     drop((a, w));
 
+    if let Some(pass) = only {
+        time(pass.label(), iters, || bench.run(pass));
+        return Ok(());
+    }
     let times: Vec<f64> = Pass::ALL
         .iter()
         .map(|&pass| time(pass.label(), iters, || bench.run(pass)))

@@ -417,13 +417,13 @@ impl GluMbConv {
     /// x (B, N, D) on an H×W grid → (B, N, D).
     fn forward(&self, x: &Dual, height: usize, width: usize) -> Result<Dual> {
         let (b, n, _) = x.primal.dims3()?;
-        let a =
-            self.conv_inverted
-                .forward(x)?
-                .silu()?
-                .reshape((b, height, width, 2 * self.hidden))?;
-        let gated = depthwise::depthwise_glu(&a, &self.conv_depth_weight, &self.conv_depth_bias)?
-            .reshape((b, n, self.hidden))?;
+        let p = self
+            .conv_inverted
+            .forward(x)?
+            .reshape((b, height, width, 2 * self.hidden))?;
+        let gated =
+            depthwise::silu_depthwise_glu(&p, &self.conv_depth_weight, &self.conv_depth_bias)?
+                .reshape((b, n, self.hidden))?;
         Ok(self.conv_point.forward(&gated)?)
     }
 }

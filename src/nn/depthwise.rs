@@ -8,6 +8,7 @@ use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::nn::conv::pad2d;
+use crate::nn::depthwise_cpu;
 use crate::nn::dual::Dual;
 use crate::nn::fused::attach;
 
@@ -28,10 +29,10 @@ pub fn depthwise_conv2d_channels_last(
             // computed without a graph, then given its gradient by a custom backward: the graph keeps the input
             // and one output-sized copy instead of the k² shifted products and partial sums (17 activation-sized
             // tensors for a 3×3 kernel, the largest activations of a SANA block)
-            let value = shifted_sum_conv(&t.detach(), &taps.detach(), kh, kw)?;
+            let value = conv(&t.detach(), &taps.detach(), kh, kw)?;
             value.apply_op3(t, weight, DepthwiseConvBackward { kh, kw })
         } else {
-            shifted_sum_conv(t, &taps, kh, kw)
+            conv(t, &taps, kh, kw)
         }
     };
     let mut y = x.map(conv)?;
@@ -58,6 +59,18 @@ fn padded_rows(t: &Tensor, kh: usize, kw: usize) -> Result<(Tensor, usize, usize
         .pad_with_zeros(1, ph, ph)?
         .reshape((b, (h + 2 * ph) * row, c))?;
     Ok((padded, row, (h - 1) * row + w))
+}
+
+/// Depthwise conv of channels-last t (B, H, W, C) with taps (kh·kw, C): the CPU kernel where it serves
+/// (f32/f64 on the CPU, no graph to record), else [`shifted_sum_conv`]. Both sum the taps in the same order
+/// from zero, so they agree bitwise.
+fn conv(t: &Tensor, taps: &Tensor, kh: usize, kw: usize) -> Result<Tensor> {
+    if !t.track_op() && !taps.track_op() {
+        if let Some(out) = depthwise_cpu::conv(t, taps, kh, kw)? {
+            return Ok(out);
+        }
+    }
+    shifted_sum_conv(t, taps, kh, kw)
 }
 
 /// Depthwise conv of channels-last t (B, H, W, C) with taps (kh·kw, C) as k² shifted contiguous slices.
@@ -157,12 +170,17 @@ fn conv_grads(
 ) -> Result<(Tensor, Tensor)> {
     let (x, g) = (x.detach(), grad.detach().to_dtype(x.dtype())?);
     let taps = conv_taps(&weight.detach())?;
+    let c = x.dim(3)?;
+    let to_weight = |dtaps: Tensor| dtaps.t()?.reshape((c, 1, kh, kw))?.to_dtype(weight.dtype());
+    if let Some((grad_x, dtaps)) = depthwise_cpu::conv_grads(&x, &taps, &g, kh, kw)? {
+        return Ok((grad_x, to_weight(dtaps)?));
+    }
     // the kernel flipped in both spatial dims = the tap rows in reverse order
     let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
     let flipped = taps.index_select(&Tensor::new(reversed, taps.device())?, 0)?;
     let grad_x = shifted_sum_conv(&g, &flipped, kh, kw)?;
 
-    let (b, h, w, c) = x.dims4()?;
+    let (b, h, w, _) = x.dims4()?;
     let (padded, row, len) = padded_rows(&x, kh, kw)?;
     let g_rows = g
         .pad_with_zeros(2, 0, row - w)?
@@ -177,51 +195,80 @@ fn conv_grads(
                 .sum((0, 1))
         })
         .collect::<Result<Vec<_>>>()?;
-    let grad_w = Tensor::stack(&per_tap, 0)?
-        .t()?
-        .reshape((c, 1, kh, kw))?
-        .to_dtype(weight.dtype())?;
-    Ok((grad_x, grad_w))
+    Ok((grad_x, to_weight(Tensor::stack(&per_tap, 0)?)?))
 }
 
-/// The middle of SANA's GLUMBConv on channels-last a (B, H, W, 2C): the depthwise conv plus bias, split into
-/// halves h and gate along the channels, then h ⊙ silu(gate) → (B, H, W, C).
+/// The middle of SANA's GLUMBConv on channels-last p (B, H, W, 2C), the inverted 1×1 conv's output: silu, the
+/// depthwise conv plus bias, split into halves h and gate along the channels, then h ⊙ silu(gate) → (B, H, W, C).
 ///
-/// Without a tangent it is one graph node over (a, weight, bias) that keeps only its output (`nn::fused`): the
-/// composed form keeps the conv's output twice, the biased output, silu(gate) and the product, the largest
-/// activations of a SANA block. Backward recomputes the conv (d = conv(a) + bias), then
-/// dh = g ⊙ silu(gate), dgate = g ⊙ h ⊙ σ(gate)·(1 + gate·(1 − σ(gate))), db = Σ [dh, dgate], and the conv's own
-/// gradients of [dh, dgate].
-pub fn depthwise_glu(a: &Dual, weight: &Tensor, bias: &Tensor) -> Result<Dual> {
-    let composed = |a: &Dual, weight: &Tensor, bias: &Tensor| -> Result<Dual> {
-        let d = depthwise_conv2d_channels_last(a, weight, Some(bias))?;
+/// Without a tangent it is one graph node over (p, weight, bias) that keeps only its output (`nn::fused`): the
+/// composed form keeps silu(p), the conv's output twice, the biased output, silu(gate) and the product, the
+/// largest activations of a SANA block. Backward recomputes s = silu(p) and d = conv(s) + bias, then
+/// dh = g ⊙ silu(gate), dgate = g ⊙ h ⊙ σ(gate)·(1 + gate·(1 − σ(gate))), db = Σ [dh, dgate], the conv's own
+/// gradients of [dh, dgate], and dp = ds ⊙ σ(p)·(1 + p·(1 − σ(p))). On the CPU (f32/f64) the forward and the
+/// backward are each one pass of `nn::depthwise_cpu`'s kernels (the forward bitwise the composed ops'); elsewhere
+/// they are tensor ops.
+pub fn silu_depthwise_glu(p: &Dual, weight: &Tensor, bias: &Tensor) -> Result<Dual> {
+    let composed = |p: &Dual, weight: &Tensor, bias: &Tensor| -> Result<Dual> {
+        let d = depthwise_conv2d_channels_last(&p.silu()?, weight, Some(bias))?;
         let c = d.dims()[3] / 2;
         let (h, gate) = (d.narrow(3, 0, c)?, d.narrow(3, c, c)?);
         h.mul(&gate.silu()?)
     };
-    if a.tangent.is_some() {
-        return composed(a, weight, bias);
+    if p.tangent.is_some() {
+        return composed(p, weight, bias);
     }
-    let value = composed(&a.detached_constant(), &weight.detach(), &bias.detach())?.primal;
     let (_, _, kh, kw) = weight.dims4()?;
+    let taps = conv_taps(&weight.detach())?;
+    let value =
+        match depthwise_cpu::silu_gated_conv(&p.primal.detach(), &taps, &bias.detach(), kh, kw)? {
+            Some(value) => value,
+            None => composed(&p.detached_constant(), &weight.detach(), &bias.detach())?.primal,
+        };
     let primal = attach(
-        "depthwise-glu",
+        "silu-depthwise-glu",
         value,
-        &[&a.primal, weight, bias],
+        &[&p.primal, weight, bias],
         move |args, _res, grad| {
-            let (a, weight, bias) = (args[0].detach(), args[1].detach(), args[2].detach());
-            let d = shifted_sum_conv(&a, &conv_taps(&weight)?, kh, kw)?.broadcast_add(&bias)?;
-            let c = d.dim(3)? / 2;
-            let (h, gate) = (d.narrow(3, 0, c)?, d.narrow(3, c, c)?);
-            let g = grad.to_dtype(d.dtype())?;
-            let sig = (gate.neg()?.exp()? + 1.)?.recip()?;
-            let slope = ((&gate * sig.affine(-1., 1.)?)? + 1.)?;
-            let grad_h = (&g * gate.silu()?)?;
-            let grad_gate = ((&g * &h)? * (sig * slope)?)?;
-            let grad_d = Tensor::cat(&[&grad_h, &grad_gate], 3)?;
-            let grad_bias = grad_d.sum((0, 1, 2))?.to_dtype(bias.dtype())?;
-            let (grad_a, grad_w) = conv_grads(&a, &weight, &grad_d, kh, kw)?;
-            Ok(vec![Some(grad_a), Some(grad_w), Some(grad_bias)])
+            let (p, weight, bias) = (args[0].detach(), args[1].detach(), args[2].detach());
+            let taps = conv_taps(&weight)?;
+            let c2 = p.dim(3)?;
+            let (grad_p, dtaps, grad_bias) =
+                match depthwise_cpu::silu_gated_conv_backward(&p, &taps, &bias, grad, kh, kw)? {
+                    Some(grads) => grads,
+                    None => {
+                        let g = grad.to_dtype(p.dtype())?;
+                        let sigmoid = |t: &Tensor| (t.neg()?.exp()? + 1.)?.recip();
+                        let s = p.silu()?;
+                        let d = conv(&s, &taps, kh, kw)?.broadcast_add(&bias)?;
+                        let c = c2 / 2;
+                        let (h, gate) = (d.narrow(3, 0, c)?, d.narrow(3, c, c)?);
+                        let sig = sigmoid(&gate)?;
+                        let slope = ((&gate * sig.affine(-1., 1.)?)? + 1.)?;
+                        let grad_h = (&g * gate.silu()?)?;
+                        let grad_gate = ((&g * &h)? * (sig * slope)?)?;
+                        let grad_d = Tensor::cat(&[&grad_h, &grad_gate], 3)?;
+                        let grad_bias = grad_d.sum((0, 1, 2))?;
+                        let (grad_s, grad_w) = conv_grads(&s, &weight, &grad_d, kh, kw)?;
+                        let sig_p = sigmoid(&p)?;
+                        let silu_slope = ((&p * sig_p.affine(-1., 1.)?)? + 1.)?;
+                        let grad_p = (grad_s * (sig_p * silu_slope)?)?;
+                        return Ok(vec![
+                            Some(grad_p),
+                            Some(grad_w),
+                            Some(grad_bias.to_dtype(bias.dtype())?),
+                        ]);
+                    }
+                };
+            let grad_w = dtaps
+                .t()?
+                .reshape((c2, 1, kh, kw))?
+                .to_dtype(weight.dtype())?;
+            Ok(vec![
+                Some(grad_p),
+                Some(grad_w),
+                Some(grad_bias.to_dtype(bias.dtype())?),
+            ])
         },
     )?;
     Ok(Dual::constant(primal))
@@ -323,7 +370,7 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn fused_depthwise_glu_matches_the_composed_ops_in_value_and_gradients() -> Result<()> {
+    fn fused_silu_depthwise_glu_matches_the_composed_ops_in_value_and_gradients() -> Result<()> {
         use crate::nn::fused::tests::compare;
         use candle_core::{DType, Device};
         let dev = Device::Cpu;
@@ -334,10 +381,10 @@ mod tests {
             let inputs = [rand(&[2, 3, 5, 8])?, rand(&[8, 1, 3, 3])?, rand(&[8])?];
             let (value, grad, scale) = compare(
                 &inputs,
-                &|t| Ok(depthwise_glu(&Dual::constant(t[0].clone()), &t[1], &t[2])?.primal),
+                &|t| Ok(silu_depthwise_glu(&Dual::constant(t[0].clone()), &t[1], &t[2])?.primal),
                 &|t| {
                     let d = depthwise_conv2d_channels_last(
-                        &Dual::constant(t[0].clone()),
+                        &Dual::constant(t[0].clone()).silu()?,
                         &t[1],
                         Some(&t[2]),
                     )?;
@@ -346,6 +393,87 @@ mod tests {
             )?;
             assert_eq!(value, 0.0, "{dtype:?}: the forward is the composed forward");
             assert!(grad <= tol * scale, "{dtype:?}: gradients differ by {grad}");
+        }
+        Ok(())
+    }
+
+    /// The CPU kernels (f32/f64) against the tensor-op path that a GPU runs: the conv bitwise, the conv's and
+    /// the gated conv's gradients to rounding (relative to the largest gradient: 1e-12 in f64, 1e-5 in f32).
+    #[test]
+    fn cpu_kernels_match_the_tensor_op_path() -> Result<()> {
+        use crate::nn::depthwise_cpu::tests::with_tensor_ops_only;
+        use candle_core::{DType, Var};
+        let dev = Device::Cpu;
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            // a non-square grid, batch 2, and a 5x5 kernel wider than the grid
+            for (k, shape) in [(3usize, [2usize, 5, 4, 6]), (5, [1, 3, 7, 4])] {
+                let c = shape[3];
+                let rand = |s: &[usize]| Tensor::randn(0f64, 1., s, &dev)?.to_dtype(dtype);
+                let (x, w, b) = (rand(&shape)?, rand(&[c, 1, k, k])?, rand(&[c])?);
+                let cot_conv = rand(&shape)?;
+                let cot_glu = rand(&[shape[0], shape[1], shape[2], c / 2])?;
+                let run = || -> Result<Vec<Tensor>> {
+                    let frozen =
+                        depthwise_conv2d_channels_last(&Dual::constant(x.clone()), &w, None)?;
+                    let (xv, wv, bv) = (
+                        Var::from_tensor(&x)?,
+                        Var::from_tensor(&w)?,
+                        Var::from_tensor(&b)?,
+                    );
+                    let xd = Dual::constant(xv.as_tensor().clone());
+                    let conv = depthwise_conv2d_channels_last(&xd, wv.as_tensor(), None)?.primal;
+                    let gc = (conv * &cot_conv)?.sum_all()?.backward()?;
+                    let glu = silu_depthwise_glu(&xd, wv.as_tensor(), bv.as_tensor())?.primal;
+                    let gg = (&glu * &cot_glu)?.sum_all()?.backward()?;
+                    let grad = |g: &candle_core::backprop::GradStore, v: &Var| {
+                        g.get(v.as_tensor()).cloned().expect("a gradient")
+                    };
+                    Ok(vec![
+                        frozen.primal,
+                        glu,
+                        grad(&gc, &xv),
+                        grad(&gc, &wv),
+                        grad(&gg, &xv),
+                        grad(&gg, &wv),
+                        grad(&gg, &bv),
+                    ])
+                };
+                let native = run()?;
+                let tensor_ops = with_tensor_ops_only(run)?;
+                let names = [
+                    "conv",
+                    "silu gated conv",
+                    "conv dx",
+                    "conv dw",
+                    "glu dx",
+                    "glu dw",
+                    "glu db",
+                ];
+                for ((name, a), b) in names.iter().zip(&native).zip(&tensor_ops) {
+                    let err = (a - b)?
+                        .abs()?
+                        .max_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?;
+                    let scale = b
+                        .abs()?
+                        .max_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?;
+                    if name.ends_with("conv") {
+                        assert_eq!(
+                            err, 0.0,
+                            "{dtype:?} k{k}: {name} is bitwise the tensor ops'"
+                        );
+                    } else {
+                        assert!(
+                            err <= tol * scale,
+                            "{dtype:?} k{k}: {name} differs by {err} (scale {scale})"
+                        );
+                    }
+                }
+            }
         }
         Ok(())
     }

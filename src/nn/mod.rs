@@ -4,6 +4,7 @@ pub mod attention; // softmax, softmax attention, ReLU linear attention (Dual op
 pub mod checkpoint; // gradient checkpointing: recompute blocks in backward
 pub mod conv; // NCHW conv2d, 1x1 and grouped 1x1 convs, pixel (un)shuffle, channel-group means
 pub mod depthwise; // the two depthwise convs: channels-last (Dual, custom backward) and NCHW
+mod depthwise_cpu; // CPU kernels of the channels-last depthwise conv and of the GLUMBConv gate's backward
 pub mod dual; // Dual (primal + tangent) tensors, their elementwise rules, Linear, timestep features
 pub mod frozen; // matmul with a frozen weight: backward skips the weight gradient
 pub mod fused; // one graph node for a chain of ops (keeps its output only): the training forward's memory diet
