@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Packs what the GPU check needs into one folder and tarball to copy to a GPU machine without network
-# (docs/GPU-CHECK.md): the stripped CUDA release `sprint-bench` (scripts/build-cuda.sh --release), scripts/,
-# tools/, datasets/tiny-sana-sprint, docs/GPU-CHECK.md and a diffusers wheel for the PyTorch reference.
+# Packs what the GPU check needs beyond the working tree into one folder and tarball, for a GPU machine without
+# network (docs/GPU-CHECK.md): the stripped CUDA release `sprint-bench` (scripts/build-cuda.sh --release) in bin/
+# and, in wheels/, a diffusers wheel for the PyTorch reference with the pure-Python packages it imports that
+# torch + transformers do not bring (requests and its dependencies). The scripts, tools/, datasets/tiny-sana-sprint and
+# the docs come from the checkout the tarball is unpacked into (the device tool sends the working tree anyway, so
+# packing them again would spend the lease's 64 MiB twice): `tar xJf …/sana-sprint-gpu-check.tar.xz` in the root
+# of a checkout of the same commit, then `scripts/gpu-check.sh`. BUNDLE in the tarball names the commit.
 #
 #   scripts/gpu-bundle.sh [--out DIR] [--no-build] [--bin-dir DIR] [--all-bins] [--with-curand] [--max-mib N]
 #     --out DIR      where to write sana-sprint-gpu-check/ and sana-sprint-gpu-check.tar.xz (default: ./gpu-bundle)
@@ -9,8 +13,9 @@
 #     --bin-dir DIR  take the binaries from DIR (e.g. a debug build, to test the bundle)
 #     --all-bins     also pack sprint-prep and sprint-train (the check itself needs only sprint-bench)
 #     --with-curand  also pack libcurand.so.10 + libcudart.so.13 (~100 MB) for machines whose PyTorch lacks them
-#     --max-mib N    fail when the tarball is larger than N MiB (default 48: with the ~13 MiB working tree it
-#                    stays under the device tool's 64 MiB; 0 = no limit)
+#     --max-mib N    fail when the tarball is larger than N MiB (default 48: with the working tree, which .ci/run
+#                    keeps under 16 MiB, it stays under the device tool's 64 MiB; 0 = no limit); it also fails
+#                    when the tarball and this working tree together pass 63 MiB
 #
 # Nothing is downloaded except the diffusers 0.42.1 wheel (pip download, no dependencies). Without network it
 # falls back to a copy of an installed diffusers package (PYTHON, default python3), else says what to do.
@@ -27,7 +32,7 @@ while [ $# -gt 0 ]; do
     --all-bins) all_bins=1 ;;
     --with-curand) curand=1 ;;
     --max-mib) max_mib="$2"; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -48,7 +53,7 @@ fi
 name=sana-sprint-gpu-check
 dest="$out/$name"
 rm -rf "$dest"
-mkdir -p "$dest/bin" "$dest/scripts" "$dest/tools" "$dest/datasets" "$dest/docs" "$dest/wheels"
+mkdir -p "$dest/bin" "$dest/wheels"
 bins=(sprint-bench)
 [ "$all_bins" = 1 ] && bins+=(sprint-prep sprint-train)
 for b in "${bins[@]}"; do
@@ -56,10 +61,6 @@ for b in "${bins[@]}"; do
   # symbols are not needed to run (panics still name the message and location); stripping halves the file
   strip -o "$dest/bin/$b" "$bin_dir/$b" 2>/dev/null || cp "$bin_dir/$b" "$dest/bin/"
 done
-cp scripts/gpu-check.sh scripts/gpu-bundle.sh "$dest/scripts/"
-cp -r tools/gpu "$dest/tools/"
-cp tools/*.py "$dest/tools/" 2>/dev/null || true
-cp -r datasets/tiny-sana-sprint "$dest/datasets/"
 
 # Some PyTorch CUDA 13 installs bring cuBLAS, NVRTC and the runtime but not cuRAND, which candle links: with
 # --with-curand ship the pinned build toolchain's libcurand (and the small runtime) in lib/; gpu-check.sh puts it
@@ -74,8 +75,9 @@ elif [ -n "$cu" ] && [ -f "$cu/libcurand.so.10" ]; then
 else
   echo "warning: no libcurand.so.10 in the CUDA build venv ($venv); the GPU machine must provide it" >&2
 fi
-cp docs/GPU-CHECK.md "$dest/docs/"
-find "$dest" -name __pycache__ -type d -prune -exec rm -rf {} +
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || commit="$commit (with uncommitted changes)"
+printf 'sana-sprint GPU-check bundle\ncommit %s\nbuilt %s\n' "$commit" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$dest/BUNDLE"
 
 echo "== diffusers wheel for the reference"
 if "$py" -m pip download -q diffusers==0.42.1 --no-deps -d "$dest/wheels" 2>/dev/null \
@@ -96,9 +98,21 @@ else
   fi
 fi
 
+# what diffusers imports that torch + transformers do not bring (pure-Python wheels, ~0.5 MB); gpu-check.sh
+# installs each only where the machine's Python lacks it (Pillow, which is not pure Python, has a stand-in there)
+if [ -d "$dest/wheels" ]; then
+  "$py" -m pip download -q --no-deps --only-binary=:all: --implementation py --abi none --platform any \
+      --python-version 3.9 -d "$dest/wheels" requests urllib3 idna certifi charset-normalizer 2>/dev/null \
+    && echo "downloaded $(cd "$dest/wheels" && ls | grep -v diffusers | tr '\n' ' ')" \
+    || echo "warning: could not download requests and its dependencies: a GPU machine whose Python lacks them runs no reference" >&2
+fi
+
 echo "== packing (xz)"
 rm -f "$out/$name.tar.gz" "$out/$name.tar.xz"
-tar -C "$out" -cf - "$name" | xz -T0 -9e > "$out/$name.tar.xz"
+# one xz block with a 256 MiB dictionary: the 250 MB binary repeats itself over long distances (1 MiB smaller
+# than -T0's blocks; decompressing needs 256 MiB of memory)
+(cd "$dest" && tar -cf - BUNDLE bin $(ls -d lib wheels pydeps 2>/dev/null)) \
+  | xz -T1 --lzma2=preset=9e,dict=256MiB > "$out/$name.tar.xz"
 du -sh "$dest" "$out/$name.tar.xz"
 size=$(stat -c %s "$out/$name.tar.xz")
 if [ "$max_mib" != 0 ] && [ "$size" -gt $(( max_mib * 1048576 )) ]; then
@@ -106,9 +120,17 @@ if [ "$max_mib" != 0 ] && [ "$size" -gt $(( max_mib * 1048576 )) ]; then
   echo "  sends at most 64 MiB with the working tree); leave out --all-bins / --with-curand or shrink the binary" >&2
   exit 1
 fi
+# the device tool's sum: tracked + untracked-not-ignored files of this checkout, plus the tarball
+tree=$(git ls-files -z --cached --others --exclude-standard 2>/dev/null | xargs -0 -r stat -c %s 2>/dev/null \
+  | awk '{s += $1} END {print s + 0}')
+echo "tarball $(( size / 1048576 )) MiB + working tree $(( tree / 1048576 )) MiB = $(( (size + tree) / 1048576 )) MiB of the device tool's 64"
+if [ "$max_mib" != 0 ] && [ $(( size + tree )) -gt $(( 63 * 1048576 )) ]; then
+  echo "gpu-bundle.sh: tarball + working tree pass 63 MiB: a device lease (64 MiB in all) would not take them" >&2
+  exit 1
+fi
 cat <<EOF
 
-Copy $out/$name.tar.xz to the GPU machine, then there:
-    tar xJf $name.tar.xz && cd $name && scripts/gpu-check.sh
+On the GPU machine, in the root of a checkout of the same commit (the device tool's copy of the working tree):
+    tar xJf $name.tar.xz && scripts/gpu-check.sh
 It writes gpu-check-<date>/gpu-check-results.{md,jsonl} (see docs/GPU-CHECK.md).
 EOF

@@ -7,8 +7,9 @@
 #   scripts/gpu-check.sh [--out DIR] [--budget SECONDS] [--skip-ours] [--skip-reference] [--only REGEX]
 #   scripts/gpu-check.sh --cpu-smoke      # the same sequence on the CPU, tiny sizes, debug build (tests the script)
 #
-# Run it from the bundle made by scripts/gpu-bundle.sh (bin/ holds the release binaries) or from a checkout
-# with a CUDA release build (scripts/build-cuda.sh --release). Environment: PYTHON (default python3; the one with
+# Run it from a checkout with the bundle made by scripts/gpu-bundle.sh unpacked into its root (bin/ holds the
+# release binary, wheels/ the reference's Python packages), or from a checkout with a CUDA release build
+# (scripts/build-cuda.sh --release). Environment: PYTHON (default python3; the one with
 # torch + transformers), SPRINT_BENCH (the sprint-bench binary), GPU_CHECK_WORK (generated random weights, kept
 # between runs; default ./gpu-check-work).
 set -uo pipefail
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --skip-ours) skip_ours=1 ;;
     --skip-reference) skip_ref=1 ;;
     --only) only="$2"; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -91,17 +92,26 @@ if [ "$smoke" = 0 ]; then
   fi
 fi
 say "card: $card; sprint-bench: $bin; python: $py; results: $out; budget ${budget}s"
+[ -f "$root/BUNDLE" ] && say "bundle: $(grep '^commit\|^built' "$root/BUNDLE" | tr '\n' ' ')"
 
 # --- the reference's python environment: torch + transformers installed, diffusers from the bundled wheel
 ref_ok=1
 if [ "$skip_ref" = 0 ]; then
-  if ! "$py" -c "import diffusers" 2>/dev/null; then
-    whl=$(ls "$root"/wheels/diffusers-*.whl 2>/dev/null | head -n 1)
-    if [ -n "$whl" ]; then
+  # each bundled wheel (diffusers, and the pure-Python packages diffusers imports) only where the machine's
+  # Python lacks its module, into $work/pydeps (no network, no dependencies; the environment is not modified)
+  for whl in "$root"/wheels/*.whl; do
+    [ -f "$whl" ] || continue
+    mod=$(basename "$whl" | cut -d- -f1 | tr 'A-Z' 'a-z')
+    if ! PYTHONPATH="$work/pydeps${PYTHONPATH:+:$PYTHONPATH}" "$py" -c "import $mod" 2>/dev/null; then
       say "installing $(basename "$whl") into $work/pydeps (no network, no dependencies)"
-      "$py" -m pip install -q --no-deps --no-index --target "$work/pydeps" "$whl" >> "$logf" 2>&1 || true
+      "$py" -m pip install -q --no-deps --no-index --upgrade --target "$work/pydeps" "$whl" >> "$logf" 2>&1 || true
     fi
-    export PYTHONPATH="$work/pydeps:$root/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+  done
+  export PYTHONPATH="$work/pydeps:$root/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+  # Pillow: diffusers imports it, the reference never makes an image; without it a stand-in that raises on use
+  if ! "$py" -c "import PIL" 2>/dev/null; then
+    say "no Pillow in $py: tools/gpu/pil_standin stands in for it (diffusers imports PIL; the reference never uses it)"
+    export PYTHONPATH="$PYTHONPATH:$root/tools/gpu/pil_standin"
   fi
   if ! "$py" -c "import torch, transformers, diffusers" >> "$logf" 2>&1; then
     say "the reference needs torch, transformers and diffusers importable by $py (see $logf); reference skipped"
