@@ -48,6 +48,17 @@ fn conv_taps(weight: &Tensor) -> Result<Tensor> {
     weight.reshape((c, kh * kw))?.t()?.contiguous()
 }
 
+/// A depthwise weight (C, 1, kh, kw) in `dtype` from per-tap rows (kh·kw, C): the inverse of [`conv_taps`].
+fn taps_to_weight(
+    taps: &Tensor,
+    kh: usize,
+    kw: usize,
+    dtype: candle_core::DType,
+) -> Result<Tensor> {
+    let c = taps.dim(1)?;
+    taps.t()?.reshape((c, 1, kh, kw))?.to_dtype(dtype)
+}
+
 /// The zero-padded input (B, (H+2p)·(W+2p), C) flattened to rows of W+2p tokens, the row length, and the number
 /// of flat output positions (output (y, x) sits at y·row + x).
 fn padded_rows(t: &Tensor, kh: usize, kw: usize) -> Result<(Tensor, usize, usize)> {
@@ -170,17 +181,15 @@ fn conv_grads(
 ) -> Result<(Tensor, Tensor)> {
     let (x, g) = (x.detach(), grad.detach().to_dtype(x.dtype())?);
     let taps = conv_taps(&weight.detach())?;
-    let c = x.dim(3)?;
-    let to_weight = |dtaps: Tensor| dtaps.t()?.reshape((c, 1, kh, kw))?.to_dtype(weight.dtype());
     if let Some((grad_x, dtaps)) = depthwise_cpu::conv_grads(&x, &taps, &g, kh, kw)? {
-        return Ok((grad_x, to_weight(dtaps)?));
+        return Ok((grad_x, taps_to_weight(&dtaps, kh, kw, weight.dtype())?));
     }
     // the kernel flipped in both spatial dims = the tap rows in reverse order
     let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
     let flipped = taps.index_select(&Tensor::new(reversed, taps.device())?, 0)?;
     let grad_x = shifted_sum_conv(&g, &flipped, kh, kw)?;
 
-    let (b, h, w, _) = x.dims4()?;
+    let (b, h, w, c) = x.dims4()?;
     let (padded, row, len) = padded_rows(&x, kh, kw)?;
     let g_rows = g
         .pad_with_zeros(2, 0, row - w)?
@@ -195,7 +204,8 @@ fn conv_grads(
                 .sum((0, 1))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((grad_x, to_weight(Tensor::stack(&per_tap, 0)?)?))
+    let grad_w = taps_to_weight(&Tensor::stack(&per_tap, 0)?, kh, kw, weight.dtype())?;
+    Ok((grad_x, grad_w))
 }
 
 /// The middle of SANA's GLUMBConv on channels-last p (B, H, W, 2C), the inverted 1×1 conv's output: silu, the
@@ -232,38 +242,15 @@ pub fn silu_depthwise_glu(p: &Dual, weight: &Tensor, bias: &Tensor) -> Result<Du
         move |args, _res, grad| {
             let (p, weight, bias) = (args[0].detach(), args[1].detach(), args[2].detach());
             let taps = conv_taps(&weight)?;
-            let c2 = p.dim(3)?;
-            let (grad_p, dtaps, grad_bias) =
+            let (grad_p, grad_w, grad_bias) =
                 match depthwise_cpu::silu_gated_conv_backward(&p, &taps, &bias, grad, kh, kw)? {
-                    Some(grads) => grads,
-                    None => {
-                        let g = grad.to_dtype(p.dtype())?;
-                        let sigmoid = |t: &Tensor| (t.neg()?.exp()? + 1.)?.recip();
-                        let s = p.silu()?;
-                        let d = conv(&s, &taps, kh, kw)?.broadcast_add(&bias)?;
-                        let c = c2 / 2;
-                        let (h, gate) = (d.narrow(3, 0, c)?, d.narrow(3, c, c)?);
-                        let sig = sigmoid(&gate)?;
-                        let slope = ((&gate * sig.affine(-1., 1.)?)? + 1.)?;
-                        let grad_h = (&g * gate.silu()?)?;
-                        let grad_gate = ((&g * &h)? * (sig * slope)?)?;
-                        let grad_d = Tensor::cat(&[&grad_h, &grad_gate], 3)?;
-                        let grad_bias = grad_d.sum((0, 1, 2))?;
-                        let (grad_s, grad_w) = conv_grads(&s, &weight, &grad_d, kh, kw)?;
-                        let sig_p = sigmoid(&p)?;
-                        let silu_slope = ((&p * sig_p.affine(-1., 1.)?)? + 1.)?;
-                        let grad_p = (grad_s * (sig_p * silu_slope)?)?;
-                        return Ok(vec![
-                            Some(grad_p),
-                            Some(grad_w),
-                            Some(grad_bias.to_dtype(bias.dtype())?),
-                        ]);
-                    }
+                    Some((grad_p, dtaps, grad_bias)) => (
+                        grad_p,
+                        taps_to_weight(&dtaps, kh, kw, weight.dtype())?,
+                        grad_bias,
+                    ),
+                    None => silu_gated_conv_backward_ops(&p, &weight, &taps, &bias, grad)?,
                 };
-            let grad_w = dtaps
-                .t()?
-                .reshape((c2, 1, kh, kw))?
-                .to_dtype(weight.dtype())?;
             Ok(vec![
                 Some(grad_p),
                 Some(grad_w),
@@ -272,6 +259,35 @@ pub fn silu_depthwise_glu(p: &Dual, weight: &Tensor, bias: &Tensor) -> Result<Du
         },
     )?;
     Ok(Dual::constant(primal))
+}
+
+/// The backward of [`silu_depthwise_glu`] as tensor ops (a GPU, half types): gradients of p, the weight (in its
+/// own layout) and the bias, recomputing s = silu(p) and d = conv(s) + bias.
+fn silu_gated_conv_backward_ops(
+    p: &Tensor,
+    weight: &Tensor,
+    taps: &Tensor,
+    bias: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (_, _, kh, kw) = weight.dims4()?;
+    let g = grad.to_dtype(p.dtype())?;
+    let sigmoid = |t: &Tensor| (t.neg()?.exp()? + 1.)?.recip();
+    let s = p.silu()?;
+    let d = conv(&s, taps, kh, kw)?.broadcast_add(bias)?;
+    let c = d.dim(3)? / 2;
+    let (h, gate) = (d.narrow(3, 0, c)?, d.narrow(3, c, c)?);
+    let sig = sigmoid(&gate)?;
+    let slope = ((&gate * sig.affine(-1., 1.)?)? + 1.)?;
+    let grad_h = (&g * gate.silu()?)?;
+    let grad_gate = ((&g * &h)? * (sig * slope)?)?;
+    let grad_d = Tensor::cat(&[&grad_h, &grad_gate], 3)?;
+    let grad_bias = grad_d.sum((0, 1, 2))?;
+    let (grad_s, grad_w) = conv_grads(&s, weight, &grad_d, kh, kw)?;
+    let sig_p = sigmoid(p)?;
+    let silu_slope = ((p * sig_p.affine(-1., 1.)?)? + 1.)?;
+    let grad_p = (grad_s * (sig_p * silu_slope)?)?;
+    Ok((grad_p, grad_w, grad_bias))
 }
 
 /// Elements per channel chunk of [`depthwise_conv2d`] on the CPU: small enough for its k² passes to stay in

@@ -268,17 +268,14 @@ pub(crate) fn conv(t: &Tensor, taps: &Tensor, kh: usize, kw: usize) -> Result<Op
         return Ok(None);
     }
     let g = Geometry::new(t.dims4()?, kh, kw);
+    fn run<T: Real>(g: &Geometry, v: &[&[T]]) -> Vec<Vec<T>> {
+        let mut out = vec![T::zero(); v[0].len()];
+        conv_into(g, v[0], v[1], &mut out);
+        vec![out]
+    }
     let out = dispatch(t.dtype(), &[t, taps], |s| match s {
-        Slices::F32(v) => {
-            let mut out = vec![0f32; v[0].len()];
-            conv_into(&g, v[0], v[1], &mut out);
-            Outputs::F32(vec![out])
-        }
-        Slices::F64(v) => {
-            let mut out = vec![0f64; v[0].len()];
-            conv_into(&g, v[0], v[1], &mut out);
-            Outputs::F64(vec![out])
-        }
+        Slices::F32(v) => Outputs::F32(run(&g, &v)),
+        Slices::F64(v) => Outputs::F64(run(&g, &v)),
     })?;
     let [out] = out.into_tensors([t.shape().clone()])?;
     Ok(Some(out))
@@ -297,15 +294,13 @@ pub(crate) fn conv_grads(
         return Ok(None);
     }
     let g = Geometry::new(x.dims4()?, kh, kw);
+    fn run<T: Real>(g: &Geometry, v: &[&[T]]) -> Vec<Vec<T>> {
+        let (dx, dtaps, _) = conv_grads_into(g, v[0], v[1], v[2]);
+        vec![dx, dtaps]
+    }
     let out = dispatch(x.dtype(), &[x, taps, grad], |s| match s {
-        Slices::F32(v) => {
-            let (dx, dtaps, _) = conv_grads_into(&g, v[0], v[1], v[2]);
-            Outputs::F32(vec![dx, dtaps])
-        }
-        Slices::F64(v) => {
-            let (dx, dtaps, _) = conv_grads_into(&g, v[0], v[1], v[2]);
-            Outputs::F64(vec![dx, dtaps])
-        }
+        Slices::F32(v) => Outputs::F32(run(&g, &v)),
+        Slices::F64(v) => Outputs::F64(run(&g, &v)),
     })?;
     let [dx, dtaps] = out.into_tensors([x.shape().clone(), taps.shape().clone()])?;
     Ok(Some((dx, dtaps)))
@@ -324,17 +319,14 @@ pub(crate) fn silu_gated_conv(
         return Ok(None);
     }
     let g = Geometry::new(p.dims4()?, kh, kw);
-    let out = dispatch(p.dtype(), &[p, taps, bias], |v| match v {
-        Slices::F32(v) => {
-            let mut out = vec![0f32; v[0].len() / 2];
-            gated_conv_into(&g, &silu_all(v[0]), v[1], v[2], &mut out);
-            Outputs::F32(vec![out])
-        }
-        Slices::F64(v) => {
-            let mut out = vec![0f64; v[0].len() / 2];
-            gated_conv_into(&g, &silu_all(v[0]), v[1], v[2], &mut out);
-            Outputs::F64(vec![out])
-        }
+    fn run<T: Real>(g: &Geometry, v: &[&[T]]) -> Vec<Vec<T>> {
+        let mut out = vec![T::zero(); v[0].len() / 2];
+        gated_conv_into(g, &silu_all(v[0]), v[1], v[2], &mut out);
+        vec![out]
+    }
+    let out = dispatch(p.dtype(), &[p, taps, bias], |s| match s {
+        Slices::F32(v) => Outputs::F32(run(&g, &v)),
+        Slices::F64(v) => Outputs::F64(run(&g, &v)),
     })?;
     let (b, h, w, c) = p.dims4()?;
     let [out] = out.into_tensors([(b, h, w, c / 2).into()])?;
